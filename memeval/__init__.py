@@ -1,0 +1,21 @@
+"""memeval: one harness for the methods that localize, edit, predict or detect memorized data in LMs.
+
+Plugin authors import the hook marker and the method base classes from here::
+
+    from memeval import hookimpl
+    from memeval.api import Localizer
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+import pluggy
+
+try:
+    __version__ = version("memeval")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+hookspec = pluggy.HookspecMarker("memeval")
+hookimpl = pluggy.HookimplMarker("memeval")
+
+__all__ = ["__version__", "hookimpl", "hookspec"]

@@ -1,0 +1,240 @@
+"""The method interfaces (DESIGN §3) and the data a method receives.
+
+A method never sees a protocol's ground truth: a localizer receives a :class:`Batch` of sequences whose
+suffix it should explain, an editor receives the sequences to forget (and optionally to retain).
+
+Every method class declares ``name``, ``kind``, a one-line ``summary``, a ``paper`` reference and a
+``Config`` dataclass of hyperparameters whose defaults are the published ones. Task YAMLs and the CLI
+override fields of that dataclass by name (:func:`build_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Literal, Sequence
+
+import torch
+
+from memeval.errors import UsageError, closest
+
+if TYPE_CHECKING:
+    from memeval.models import NeuronModel
+
+Kind = Literal["localizer", "editor", "predictor", "detector"]
+KINDS: tuple[str, ...] = ("localizer", "editor", "predictor", "detector")
+
+
+@dataclass(frozen=True)
+class TokenSequence:
+    """One sequence of token ids; tokens at positions ``>= prefix_len`` form the scored suffix."""
+
+    id: str
+    input_ids: tuple[int, ...]
+    prefix_len: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.prefix_len < len(self.input_ids):
+            raise ValueError(f"sequence {self.id}: prefix_len {self.prefix_len} outside 0..{len(self.input_ids) - 1}")
+
+
+@dataclass
+class Batch:
+    """A batch of independent, right-padded sequences (what a localizer receives).
+
+    ``loss_mask[b, t]`` is True when token ``t`` of row ``b`` is a suffix token: its prediction from
+    positions ``< t`` defines "memorized". Padding has ``attention_mask == 0`` and ``loss_mask == False``.
+    """
+
+    input_ids: torch.Tensor  # [B, T] long
+    attention_mask: torch.Tensor  # [B, T] long
+    loss_mask: torch.Tensor  # [B, T] bool
+    item_ids: list[str]
+
+    @classmethod
+    def from_sequences(cls, seqs: Sequence[TokenSequence], pad_id: int, device: torch.device | str) -> "Batch":
+        width = max(len(s.input_ids) for s in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        attn = torch.zeros((len(seqs), width), dtype=torch.long)
+        loss = torch.zeros((len(seqs), width), dtype=torch.bool)
+        for row, s in enumerate(seqs):
+            n = len(s.input_ids)
+            ids[row, :n] = torch.tensor(s.input_ids, dtype=torch.long)
+            attn[row, :n] = 1
+            loss[row, s.prefix_len : n] = True
+        return cls(ids.to(device), attn.to(device), loss.to(device), [s.id for s in seqs])
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, rows: torch.Tensor | list[int]) -> "Batch":
+        """The sub-batch of the given rows (padding columns kept)."""
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.input_ids.device)
+        ids = [self.item_ids[i] for i in idx.tolist()]
+        return Batch(self.input_ids[idx], self.attention_mask[idx], self.loss_mask[idx], ids)
+
+
+@dataclass
+class SequenceSet:
+    """A set of sequences an editor should forget or retain, handed out in batches."""
+
+    sequences: list[TokenSequence]
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def batches(self, size: int, device: torch.device | str) -> Iterator[Batch]:
+        for start in range(0, len(self.sequences), size):
+            yield Batch.from_sequences(self.sequences[start : start + size], self.pad_id, device)
+
+
+class Method:
+    """Base of every method. Subclasses set the class attributes and nest a ``Config`` dataclass."""
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+
+    @dataclass
+    class Config:
+        seed: int = 0
+
+    def __init__(self, config: Any | None = None) -> None:
+        self.config = config if config is not None else self.Config()
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        return {
+            "name": cls.name,
+            "kind": cls.kind,
+            "summary": cls.summary,
+            "paper": cls.paper,
+            "config": dataclasses.asdict(cls.Config()),
+        }
+
+
+class Localizer(Method):
+    """Scores every MLP neuron for its responsibility for each row's memorized suffix."""
+
+    kind = "localizer"
+
+    def localize(self, model: "NeuronModel", batch: Batch) -> torch.Tensor:
+        """Return attribution scores ``[B, num_layers, num_neurons]``; higher = more responsible."""
+        raise NotImplementedError
+
+
+class Editor(Method):
+    """Returns a new model with the forget set removed; the model it receives is left untouched."""
+
+    kind = "editor"
+
+    def edit(
+        self, model: "NeuronModel", forget: SequenceSet | None, retain: SequenceSet | None, budget: float
+    ) -> "NeuronModel":
+        raise NotImplementedError
+
+
+class Predictor(Method):
+    """Predicts memorization of sequences from their text, fitted on a labelled train split."""
+
+    kind = "predictor"
+
+    def fit(self, train_examples: list[dict[str, Any]]) -> None:
+        raise NotImplementedError
+
+    def predict(self, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+
+class Detector(Method):
+    """Scores each training sample's memorization risk from an early checkpoint of the model."""
+
+    kind = "detector"
+
+    def score(self, model: "NeuronModel", samples: list[dict[str, Any]]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed config overrides
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; strings (from the CLI) are parsed."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except UsageError as e:
+                errors.append(str(e))
+        raise UsageError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise UsageError(f"{where}: expected a list, got {value!r}")
+        (inner, *_) = typing.get_args(tp) or (Any,)
+        items = [_coerce(v, inner, where) for v in value]
+        return items if origin is list else tuple(items)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise UsageError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise UsageError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+        raise UsageError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise UsageError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise UsageError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def build_config(method_cls: type[Method], overrides: dict[str, Any], source: str = "config") -> Any:
+    """The method's ``Config`` with ``overrides`` applied, each checked against the field's type.
+
+    ``source`` names where the overrides came from (a YAML file or ``--method-config``) for errors.
+    """
+    cfg_cls = method_cls.Config
+    hints = typing.get_type_hints(cfg_cls)
+    names = [f.name for f in dataclasses.fields(cfg_cls)]
+    values = {}
+    for key, value in overrides.items():
+        if key not in names:
+            raise UsageError(
+                f"{source}: method '{method_cls.name}' has no hyperparameter '{key}'{closest(key, names)}; "
+                f"it has: {', '.join(names)}"
+            )
+        values[key] = _coerce(value, hints[key], f"{source}: {method_cls.name}.{key}")
+    return cfg_cls(**values)

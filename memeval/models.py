@@ -1,0 +1,281 @@
+"""Model loading and the neuron view of any Hugging Face causal LM (DESIGN §3, §5).
+
+A *neuron* is one input coordinate of a layer's MLP down-projection (GPT-2 ``mlp.c_proj``, GPT-NeoX
+``mlp.dense_4h_to_h``, Llama/OLMo-2/Qwen2/Gemma ``mlp.down_proj``, OPT ``fc2``), so gated MLPs work
+unchanged: what is seen is the vector that the down-projection mixes back into the residual stream
+(Chang et al. 2024 §2, Geva et al. 2022). The down-projections are found by module structure; the
+number of neurons is read off the module's weight, never assumed to be ``4 × hidden``.
+
+Model specs:
+- ``organism:<preset>[:<arch>][@<seed>]``: a model organism trained by memeval (``memeval.organisms``);
+- ``hf:<repo>[@<revision>]``: a Hugging Face hub model (or its copy in the local HF cache);
+- a local directory holding a transformers model and tokenizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from memeval.api import Batch
+from memeval.errors import UsageError
+from memeval.metrics import masked_mean, token_nll
+
+InterventionFn = Callable[[torch.Tensor], torch.Tensor]
+
+# Known names of the MLP down-projection inside a decoder block, tried before the structural rule.
+DOWN_PROJ_NAMES = ("mlp.c_proj", "mlp.dense_4h_to_h", "mlp.down_proj", "fc2", "mlp.fc2", "feed_forward.w2")
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+# prefix -> function(rest_of_spec) -> local directory of a transformers model
+_SOURCES: dict[str, Callable[[str], Path]] = {}
+
+
+def register_model_source(prefix: str, resolve: Callable[[str], Path]) -> None:
+    """Let ``<prefix>:<rest>`` model specs resolve to a local model directory (e.g. ``organism:``)."""
+    _SOURCES[prefix] = resolve
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when present, else CPU; a named device that is absent is a usage error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device: unknown device '{name}' (expected auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available on this machine")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise UsageError(f"--dtype: unknown dtype '{name}' (expected auto, {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def _conv1d_or_linear_dims(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of a Linear or of GPT-2's transposed Conv1D, else None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "weight") and module.weight.dim() == 2:
+        return module.weight.shape[0], module.weight.shape[1]
+    return None
+
+
+def find_blocks(model: nn.Module, num_layers: int) -> nn.ModuleList:
+    """The decoder blocks: the largest ModuleList of ``num_layers`` modules that have parameters."""
+    candidates = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers]
+    candidates = [m for m in candidates if all(any(True for _ in b.parameters()) for b in m)]
+    if not candidates:
+        raise UsageError(f"{type(model).__name__}: no list of {num_layers} decoder blocks found")
+    return max(candidates, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+
+def find_down_proj(block: nn.Module, hidden_size: int) -> nn.Module:
+    """The MLP down-projection of one block: a known name, else the unique layer mapping a width other
+    than ``hidden_size`` back to ``hidden_size``."""
+    named = dict(block.named_modules())
+    for name in DOWN_PROJ_NAMES:
+        if name in named and _conv1d_or_linear_dims(named[name]) is not None:
+            return named[name]
+    found = [m for m in named.values()
+             if (dims := _conv1d_or_linear_dims(m)) is not None and dims[1] == hidden_size and dims[0] != hidden_size]
+    if len(found) != 1:
+        raise UsageError(f"{type(block).__name__}: cannot identify the MLP down-projection ({len(found)} candidates)")
+    return found[0]
+
+
+class NeuronModel:
+    """A causal LM seen as ``num_layers`` layers of ``num_neurons`` MLP neurons.
+
+    All interventions go through :meth:`intervene`, which replaces the input of chosen layers'
+    down-projections; masking, scaling, zero-ablation, patching and capture are built on it.
+    """
+
+    def __init__(self, hf_model: nn.Module, tokenizer, spec: str = "") -> None:
+        self.hf = hf_model.eval()
+        for p in self.hf.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.spec = spec
+        cfg = hf_model.config
+        self.num_layers: int = cfg.num_hidden_layers
+        self.hidden_size: int = cfg.hidden_size
+        self.blocks = find_blocks(hf_model, self.num_layers)
+        self.down_projs: list[nn.Module] = [find_down_proj(b, self.hidden_size) for b in self.blocks]
+        widths = {_conv1d_or_linear_dims(m)[0] for m in self.down_projs}
+        if len(widths) != 1:
+            raise UsageError(f"{spec}: MLP widths differ across layers ({sorted(widths)}); not supported")
+        self.num_neurons: int = widths.pop()
+
+    # -- basic properties ------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        for cand in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
+            if cand is not None:
+                return int(cand)
+        return 0
+
+    def down_proj(self, layer: int) -> torch.Tensor:
+        """The down-projection weight of ``layer`` as ``[d_model, num_neurons]`` (column i = neuron i)."""
+        module = self.down_projs[layer]
+        return module.weight if isinstance(module, nn.Linear) else module.weight.T
+
+    def set_down_proj(self, layer: int, weight: torch.Tensor) -> None:
+        """Overwrite the down-projection of ``layer`` with ``weight`` given as ``[d_model, num_neurons]``."""
+        module = self.down_projs[layer]
+        with torch.no_grad():
+            module.weight.copy_(weight if isinstance(module, nn.Linear) else weight.T)
+
+    # -- the one intervention primitive ---------------------------------------------------------
+    @contextlib.contextmanager
+    def intervene(self, fns: dict[int, InterventionFn]) -> Iterator[None]:
+        """Within the block, layer ``l``'s down-projection receives ``fns[l](h)`` instead of ``h [B, T, I]``."""
+        handles = []
+
+        def make_hook(fn: InterventionFn):
+            def hook(_module, args):
+                return (fn(args[0]),) + tuple(args[1:])
+
+            return hook
+
+        try:
+            for layer, fn in fns.items():
+                handles.append(self.down_projs[layer].register_forward_pre_hook(make_hook(fn)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextlib.contextmanager
+    def capture(self, layers: list[int] | None = None) -> Iterator[dict[int, torch.Tensor]]:
+        """Record the neuron activations ``[B, T, I]`` of ``layers`` (all by default) during the block."""
+        store: dict[int, torch.Tensor] = {}
+
+        def keep(layer: int) -> InterventionFn:
+            def fn(h: torch.Tensor) -> torch.Tensor:
+                store[layer] = h
+                return h
+
+            return fn
+
+        with self.intervene({l: keep(l) for l in (range(self.num_layers) if layers is None else layers)}):
+            yield store
+
+    @contextlib.contextmanager
+    def ablate(self, neurons: dict[int, torch.Tensor]) -> Iterator[None]:
+        """Zero the given neuron indices of each layer (the same for every row)."""
+
+        def zero(idx: torch.Tensor) -> InterventionFn:
+            def fn(h: torch.Tensor) -> torch.Tensor:
+                h = h.clone()
+                h[..., idx] = 0
+                return h
+
+            return fn
+
+        with self.intervene({l: zero(idx.to(self.device)) for l, idx in neurons.items() if len(idx)}):
+            yield
+
+    # -- outputs --------------------------------------------------------------------------------
+    def logits(self, batch: Batch) -> torch.Tensor:
+        """Next-token logits ``[B, T, V]`` (right padding: padded positions never affect real ones)."""
+        return self.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+    def sequence_nll(self, batch: Batch, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-row mean next-token NLL (nats) over the tokens where ``batch.loss_mask`` is True: ``[B]``."""
+        logits = self.logits(batch) if logits is None else logits
+        return masked_mean(token_nll(logits, batch.input_ids), batch.loss_mask)
+
+    # -- identity and copies --------------------------------------------------------------------
+    @torch.no_grad()
+    def fingerprint(self) -> str:
+        """A cheap digest of every weight: per tensor its sum, sum of squares and row/column-weighted sums.
+
+        Any in-place change to a weight (a zeroed column, a swapped row, a scaled tensor) changes it.
+        One read of each tensor; the reductions stay on the model's device until a single transfer.
+        """
+        parts = []
+        for name, p in self.hf.named_parameters():
+            v = p.detach().float().reshape(p.shape[0] if p.dim() else 1, -1)
+            rows = torch.arange(1, v.shape[0] + 1, device=v.device, dtype=torch.float32)
+            cols = torch.arange(1, v.shape[1] + 1, device=v.device, dtype=torch.float32)
+            parts.append(torch.stack([v.sum(), (v * v).sum(), (v.sum(1) * rows).sum(), (v.sum(0) * cols).sum()]))
+        digest = torch.stack(parts).double().cpu().numpy().tobytes()
+        names = ",".join(f"{n}:{tuple(p.shape)}" for n, p in self.hf.named_parameters()).encode()
+        return hashlib.sha256(names + digest).hexdigest()[:16]
+
+    def clone(self) -> "NeuronModel":
+        """A deep copy (for editors, which must return a new model and leave theirs untouched)."""
+        return NeuronModel(copy.deepcopy(self.hf), self.tokenizer, self.spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def resolve_spec(spec: str) -> tuple[str, str | None]:
+    """Map a model spec to (path or repo id, revision) for ``from_pretrained``."""
+    prefix, sep, rest = spec.partition(":")
+    if sep and prefix in _SOURCES:
+        return str(_SOURCES[prefix](rest)), None
+    if sep and prefix == "hf":
+        repo, _, revision = rest.partition("@")
+        if not repo:
+            raise UsageError(f"model '{spec}': expected hf:<repo>[@<revision>]")
+        return repo, revision or None
+    if sep and prefix == "organism":
+        raise UsageError(f"model '{spec}': model organisms are not available (memeval.organisms failed to load)")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return str(path), None
+    raise UsageError(
+        f"model '{spec}': not a directory, and not organism:<preset> or hf:<repo>[@<revision>]"
+    )
+
+
+def load_model(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> NeuronModel:
+    """Load a causal LM and its tokenizer from a model spec and wrap it as a :class:`NeuronModel`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    import memeval.organisms  # noqa: F401  (registers the organism: source)
+
+    target, revision = resolve_spec(spec)
+    hf_logging.set_verbosity_error()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(target, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(target, revision=revision, dtype=dtype)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(
+            f"model '{spec}': cannot load it ({first[:160]}). Download it where the hub is reachable "
+            f"(`huggingface-cli download {target}`) and point HF_HOME at that cache, or pass a local directory"
+        ) from None
+    return NeuronModel(model.to(device), tokenizer, spec)
