@@ -11,6 +11,7 @@ override fields of that dataclass by name (:func:`build_config`).
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Literal, Sequence
@@ -162,10 +163,20 @@ class Detector(Method):
 # Typed config overrides
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; strings (from the CLI) are parsed."""
+def coerce_value(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; strings (from the CLI, or YAML's ``1e-3``) are parsed.
+
+    Raises a :class:`UsageError` ``"<where>: expected ..., got ..."``.
+    """
     origin = typing.get_origin(tp)
-    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+    if tp is Any:
+        return value
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp) or (Any, Any)
+        if not isinstance(value, dict):
+            raise UsageError(f"{where}: expected a mapping, got {value!r}")
+        return {coerce_value(k, key_tp, where): coerce_value(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if origin is typing.Union or origin is types.UnionType:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
@@ -174,7 +185,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, where)
+                return coerce_value(value, arg, where)
             except UsageError as e:
                 errors.append(str(e))
         raise UsageError(errors[0] if errors else f"{where}: bad value {value!r}")
@@ -184,7 +195,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise UsageError(f"{where}: expected a list, got {value!r}")
         (inner, *_) = typing.get_args(tp) or (Any,)
-        items = [_coerce(v, inner, where) for v in value]
+        items = [coerce_value(v, inner, where) for v in value]
         return items if origin is list else tuple(items)
     if tp is bool:
         if isinstance(value, bool):
@@ -236,5 +247,5 @@ def build_config(method_cls: type[Method], overrides: dict[str, Any], source: st
                 f"{source}: method '{method_cls.name}' has no hyperparameter '{key}'{closest(key, names)}; "
                 f"it has: {', '.join(names)}"
             )
-        values[key] = _coerce(value, hints[key], f"{source}: {method_cls.name}.{key}")
+        values[key] = coerce_value(value, hints[key], f"{source}: {method_cls.name}.{key}")
     return cfg_cls(**values)

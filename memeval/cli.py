@@ -1,0 +1,186 @@
+"""The ``memeval`` command.
+
+    memeval --methods all --tasks del            # shorthand for `memeval run ...`
+    memeval run -m hardconcrete,slimming -t inj --limit 20 --device cuda
+    memeval ls methods | memeval ls tasks [--json]
+    memeval validate tasks/del/*.yaml
+    memeval leaderboard build results/ --out site/
+    memeval organism build tiny | memeval organism info tiny --json
+    memeval plugins
+
+Exit codes: 0 success, 1 some items failed (recorded in results.jsonl), 2 usage or configuration error
+(one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from memeval.errors import UsageError
+
+SUBCOMMANDS = ("run", "ls", "validate", "leaderboard", "organism", "plugins")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--methods", required=True, help="'all', a method kind, or a comma list of method names")
+    p.add_argument("-t", "--tasks", required=True, help="'all', or a comma list of task names and groups")
+    p.add_argument("-o", "--output", type=Path, default=Path("results"), help="results directory (default: results/)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N items of each task (never ranked)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, or a comma list to shard items")
+    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")
+    p.add_argument("--seed", type=int, default=0, help="added to every task's seed (default 0)")
+    p.add_argument("-b", "--batch-size", type=int, default=8, help="items scored at once (results do not depend on it)")
+    p.add_argument("--include-path", type=Path, action="append", default=[], help="extra folder of task YAMLs")
+    p.add_argument("--method-config", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="override a method hyperparameter (repeatable)")
+    p.add_argument("--shard", default=None, help=argparse.SUPPRESS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="memeval", description="Evaluate memorization localization, editing, prediction "
+                                                 "and detection methods on memorization benchmarks.")
+    from memeval import __version__
+
+    parser.add_argument("--version", action="version", version=f"memeval {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    _add_run_args(sub.add_parser("run", help="score methods on tasks"))
+
+    ls = sub.add_parser("ls", help="list methods or tasks")
+    ls.add_argument("what", choices=["methods", "tasks"])
+    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--include-path", type=Path, action="append", default=[])
+
+    val = sub.add_parser("validate", help="check task YAML files (or folders of them)")
+    val.add_argument("files", nargs="+", type=Path)
+
+    lb = sub.add_parser("leaderboard", help="build the static leaderboard site")
+    lb_sub = lb.add_subparsers(dest="lb_command", parser_class=_Parser, required=True)
+    lb_build = lb_sub.add_parser("build")
+    lb_build.add_argument("results", nargs="+", type=Path)
+    lb_build.add_argument("--out", type=Path, default=Path("site"))
+
+    org = sub.add_parser("organism", help="build or inspect a model organism")
+    org_sub = org.add_subparsers(dest="org_command", parser_class=_Parser, required=True)
+    for name in ("build", "info"):
+        o = org_sub.add_parser(name)
+        o.add_argument("preset")
+        o.add_argument("--arch", default="gpt_neox")
+        o.add_argument("--seed", type=int, default=0)
+        if name == "info":
+            o.add_argument("--json", action="store_true")
+
+    sub.add_parser("plugins", help="list loaded plugins as JSON")
+    return parser
+
+
+def _normalize(argv: list[str]) -> list[str]:
+    """``memeval --methods ...`` is ``memeval run --methods ...``."""
+    if argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help", "--version"):
+        return ["run", *argv]
+    return argv
+
+
+def _parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    i, _, n = text.partition("/")
+    return int(i), int(n)
+
+
+def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
+    from memeval.runner import RunOptions, Runner
+
+    opts = RunOptions(methods=args.methods, tasks=args.tasks, output=args.output, limit=args.limit,
+                      device=args.device, dtype=args.dtype, seed=args.seed, batch_size=args.batch_size,
+                      include_paths=args.include_path, method_config=args.method_config,
+                      shard=_parse_shard(args.shard), argv=argv)
+    return Runner(opts).run()
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from memeval.listing import list_methods, list_tasks
+
+    return (list_methods if args.what == "methods" else list_tasks)(args.json, args.include_path)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from memeval.tasks import parse_task, task_files
+
+    files = task_files(args.files)
+    names: dict[str, Path] = {}
+    for path in files:
+        task = parse_task(path)
+        if task.name in names:
+            raise UsageError(f"{path}:{task.line}: duplicate task name '{task.name}' (also in {names[task.name]})")
+        names[task.name] = path
+    print(f"{len(files)} task file(s) valid")
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from memeval.leaderboard import build_site
+
+    info = build_site(args.results, args.out)
+    print(f"site written to {args.out} ({info.get('pages', '?')} pages)")
+    return 0
+
+
+def cmd_organism(args: argparse.Namespace) -> int:
+    from memeval.organisms import cli as organism_cli
+
+    if args.org_command == "build":
+        return organism_cli.build_command(args.preset, args.arch, args.seed)
+    return organism_cli.info_command(args.preset, args.arch, args.seed, args.json)
+
+
+def cmd_plugins() -> int:
+    from memeval.plugins import get_registry
+
+    reg = get_registry()
+    rows: dict[str, dict] = {}
+    for kind, table in (("methods", reg.methods), ("protocols", reg.protocols)):
+        for name, p in table.items():
+            rows.setdefault(p.plugin, {"name": p.plugin, "distribution": p.dist, "methods": [], "protocols": []})
+            rows[p.plugin][kind].append(name)
+    print(json.dumps(sorted(rows.values(), key=lambda r: r["name"]), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = _normalize(list(sys.argv[1:] if argv is None else argv))
+    warnings.formatwarning = lambda message, *a, **k: f"warning: {message}\n"
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            build_parser().print_help()
+            return 2
+        if args.command == "run":
+            return cmd_run(args, argv)
+        if args.command == "ls":
+            return cmd_ls(args)
+        if args.command == "validate":
+            return cmd_validate(args)
+        if args.command == "leaderboard":
+            return cmd_leaderboard(args)
+        if args.command == "organism":
+            return cmd_organism(args)
+        return cmd_plugins()
+    except UsageError as e:
+        print(f"memeval: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("memeval: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""SVG plots for a task page, drawn with matplotlib (no pyplot: no global state, works headless).
+
+Tolerant: each plot is drawn from whatever metrics exist in the rows and skipped when there is nothing.
+
+- recall@k curves: metrics ``recall@<k>x`` (and ``global_recall@<k>x``, ``ceiling@<k>x``), INJ;
+- per-ratio bars: metrics ``<name>@<ratio>`` with a numeric ratio, DEL;
+- forget-vs-collateral curves: metrics ``<name>@budget=<b>``, specificity; the x axis is the first metric whose
+  name contains "forget", every other metric is a collateral y axis (without a forget metric: metric vs budget).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+from matplotlib.figure import Figure
+
+_RECALL = re.compile(r"^(recall|global_recall|ceiling)@(\d+(?:\.\d+)?)x$")
+_RATIO = re.compile(r"^(.+)@([0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)$")
+_BUDGET = re.compile(r"^(.+)@budget=([0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)$")
+
+
+def _val(row: dict, name: str) -> tuple[float | None, float | None]:
+    m = row["metrics"].get(name)
+    if not m:
+        return None, None
+    mean, se = m.get("mean"), m.get("stderr")
+    ok = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    return (mean if ok(mean) else None), (se if ok(se) else None)
+
+
+def _label(name: str, limit: int = 32) -> str:
+    return name if len(name) <= limit else name[: limit - 1] + "…"
+
+
+def _save(fig: Figure, path: Path) -> None:
+    with matplotlib.rc_context({"svg.hashsalt": "memeval", "svg.fonttype": "path"}):
+        fig.savefig(path, format="svg", metadata={"Date": None}, bbox_inches="tight")
+
+
+def recall_curve(rows: list[dict], path: Path) -> bool:
+    series: dict[str, dict[str, list[tuple[float, float, float | None]]]] = {}
+    ceiling: dict[float, list[float]] = {}
+    for r in rows:
+        for name in r["metrics"]:
+            m = _RECALL.match(name)
+            if not m:
+                continue
+            mean, se = _val(r, name)
+            if mean is None:
+                continue
+            k = float(m.group(2))
+            if m.group(1) == "ceiling":
+                ceiling.setdefault(k, []).append(mean)
+            else:
+                series.setdefault(r["method"], {}).setdefault(m.group(1), []).append((k, mean, se))
+    if not series:
+        return False
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.add_subplot()
+    ks: set[float] = set()
+    for i, (method, kinds) in enumerate(series.items()):
+        color = f"C{i % 10}"
+        for kind, pts in kinds.items():
+            pts.sort()
+            ks.update(p[0] for p in pts)
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0 for p in pts],
+                        color=color, marker="o", capsize=3, linestyle="-" if kind == "recall" else ":",
+                        label=_label(method) + ("" if kind == "recall" else " (global)"))
+    if ceiling:
+        cx = sorted(ceiling)
+        ax.plot(cx, [sum(ceiling[k]) / len(ceiling[k]) for k in cx], color="0.5", linestyle="--",
+                marker="_", label="ceiling (per-layer top-k)")
+    ax.set_xticks(sorted(ks))
+    ax.set_xticklabels([f"{k:g}x" for k in sorted(ks)])
+    ax.set_xlabel("k (multiple of the number of injected neurons)")
+    ax.set_ylabel("recall")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    _save(fig, path)
+    return True
+
+
+def ratio_bars(rows: list[dict], path: Path) -> bool:
+    data: dict[str, dict[str, dict[float, tuple[float, float | None]]]] = {}
+    for r in rows:
+        for name in r["metrics"]:
+            if _BUDGET.match(name):
+                continue
+            m = _RATIO.match(name)
+            if not m:
+                continue
+            mean, se = _val(r, name)
+            if mean is not None:
+                data.setdefault(m.group(1), {}).setdefault(r["method"], {})[float(m.group(2))] = (mean, se)
+    if not data:
+        return False
+    bases = sorted(data)[:6]
+    ncols = min(3, len(bases))
+    nrows = math.ceil(len(bases) / ncols)
+    fig = Figure(figsize=(4.2 * ncols, 3.4 * nrows + 0.6))
+    methods = [r["method"] for r in rows if any(r["method"] in data[b] for b in bases)]
+    for j, base in enumerate(bases):
+        ax = fig.add_subplot(nrows, ncols, j + 1)
+        ratios = sorted({x for per in data[base].values() for x in per})
+        width = 0.8 / max(1, len(methods))
+        for i, method in enumerate(methods):
+            per = data[base].get(method, {})
+            xs = [ratios.index(x) + (i - (len(methods) - 1) / 2) * width for x in per]
+            ax.bar(xs, [v[0] for v in per.values()], width, yerr=[v[1] or 0 for v in per.values()],
+                   color=f"C{i % 10}", capsize=2, label=_label(method))
+        ax.set_xticks(range(len(ratios)))
+        ax.set_xticklabels([f"{x:g}" for x in ratios])
+        ax.set_xlabel("ratio of neurons zeroed per layer")
+        ax.set_title(_label(base, 40), fontsize=10)
+        ax.axhline(0, color="0.3", linewidth=0.8)
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, bbox_to_anchor=(0.5, -0.02))
+    fig.subplots_adjust(bottom=0.12 + 0.04 * math.ceil(len(labels) / 4) / nrows, hspace=0.5, wspace=0.35)
+    _save(fig, path)
+    return True
+
+
+def budget_curves(rows: list[dict], path: Path) -> bool:
+    data: dict[str, dict[str, dict[float, float]]] = {}
+    for r in rows:
+        for name in r["metrics"]:
+            m = _BUDGET.match(name)
+            if not m:
+                continue
+            mean, _ = _val(r, name)
+            if mean is not None:
+                data.setdefault(m.group(1), {}).setdefault(r["method"], {})[float(m.group(2))] = mean
+    if not data:
+        return False
+    forget = next((b for b in sorted(data) if "forget" in b), None)
+    others = [b for b in sorted(data) if b != forget][:6] or ([forget] if forget else [])
+    vs_budget = forget is None or others == [forget]
+    ncols = min(2, len(others))
+    nrows = math.ceil(len(others) / ncols)
+    fig = Figure(figsize=(5.0 * ncols, 3.8 * nrows + 0.6))
+    methods = [r["method"] for r in rows]
+    for j, base in enumerate(others):
+        ax = fig.add_subplot(nrows, ncols, j + 1)
+        for i, method in enumerate(methods):
+            ys = data[base].get(method, {})
+            if vs_budget:
+                bs = sorted(ys)
+                xs = bs
+            else:
+                fx = data[forget].get(method, {})
+                bs = sorted(b for b in ys if b in fx)
+                xs = [fx[b] for b in bs]
+            if not bs:
+                continue
+            ax.plot(xs, [ys[b] for b in bs], marker="o", color=f"C{i % 10}", label=_label(method))
+        ax.set_xlabel("budget" if vs_budget else _label(forget, 40) + " (forgetting)")
+        ax.set_ylabel(_label(base, 40))
+        ax.set_title(("" if vs_budget else "collateral: ") + _label(base, 40), fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    fig.subplots_adjust(hspace=0.5, wspace=0.35)
+    _save(fig, path)
+    return True
+
+
+PLOTS = (
+    ("recall", recall_curve, "recall@k curves",
+     "Per-layer recall@k (solid) and global recall@k (dotted) of the injected neurons, mean ± stderr; dashed: the per-layer top-k ceiling."),
+    ("ratios", ratio_bars, "per-ratio effects",
+     "Mean change of each metric after zeroing the top-ranked neurons, by ratio of neurons per layer (± stderr)."),
+    ("budget", budget_curves, "forget-vs-collateral curves",
+     "Each point is one budget of the sweep: forgetting achieved (x) against the collateral damage (y)."),
+)
+
+
+def task_plots(rows: list[dict[str, Any]], out_dir: Path, stem: str) -> list[dict[str, str]]:
+    """Write every plot that the rows support as ``out_dir/<stem>-<kind>.svg``; return their descriptions."""
+    made = []
+    for kind, fn, title, caption in PLOTS:
+        path = out_dir / f"{stem}-{kind}.svg"
+        if fn(rows, path):
+            made.append({"file": path.name, "title": title, "caption": caption})
+    return made

@@ -1,0 +1,40 @@
+"""``memeval ls methods`` and ``memeval ls tasks``: rich tables, or JSON with ``--json``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from memeval.plugins import get_registry
+from memeval.tasks import load_tasks
+
+
+def _emit(rows: list[dict], columns: list[str], title: str, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*[", ".join(v) if isinstance(v, list) else str(v) for v in (row[c] for c in columns)])
+    Console().print(table)
+    return 0
+
+
+def list_methods(as_json: bool, include_paths: list[Path] | None = None) -> int:
+    reg = get_registry()
+    rows = [{"name": name, "kind": p.obj.kind, "summary": p.obj.summary, "plugin": p.dist, "paper": p.obj.paper}
+            for name, p in sorted(reg.methods.items())]
+    return _emit(rows, ["name", "kind", "summary", "plugin"], "methods", as_json)
+
+
+def list_tasks(as_json: bool, include_paths: list[Path] | None = None) -> int:
+    index = load_tasks(include_paths or [])
+    rows = [{"name": t.name, "protocol": t.protocol, "model": t.model, "tags": t.tags, "version": t.version,
+             "summary": t.description.split(". ")[0][:90], "file": str(t.path)}
+            for t in sorted(index.tasks.values(), key=lambda t: t.name)]
+    return _emit(rows, ["name", "protocol", "tags", "model", "summary"], "tasks", as_json)

@@ -1,0 +1,57 @@
+"""The protocol interface: a task kind that prepares data and hidden ground truth, runs a method on a
+batch of items and scores it (DESIGN §2, §6).
+
+A protocol owns its ground truth and never passes it to a method. It is constructed once per task and
+shared by every method scored on that task; ``evaluate`` must give each item the same metrics whatever
+the batch it is in (the runner's batch-size guarantee).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from memeval.api import Method
+
+if TYPE_CHECKING:
+    from memeval.models import NeuronModel
+    from memeval.tasks import Task
+
+
+class Protocol:
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    accepts: ClassVar[tuple[str, ...]] = ("localizer",)
+
+    @dataclass
+    class Data:
+        """Schema of the task YAML's ``data`` mapping (typed, with defaults)."""
+
+    @dataclass
+    class Params:
+        """Schema of the task YAML's ``params`` mapping (typed, with defaults)."""
+
+    def __init__(self, task: "Task", model: "NeuronModel", seed: int) -> None:
+        self.task = task
+        self.model = model
+        self.seed = seed
+        self.data: Any = task.data
+        self.params: Any = task.params
+
+    def prepare(self) -> None:
+        """Build data and ground truth (may be slow; called once, before any method runs)."""
+
+    def items(self) -> list[str]:
+        """Item ids in a fixed order; ``--limit N`` takes the first N."""
+        raise NotImplementedError
+
+    def metrics(self) -> dict[str, bool]:
+        """Every metric this task reports, mapped to whether higher is better."""
+        raise NotImplementedError
+
+    def primary_metric(self) -> str:
+        raise NotImplementedError
+
+    def evaluate(self, method: Method, item_ids: list[str]) -> list[dict[str, float]]:
+        """Run ``method`` on the items (one batch) and return one metrics dict per item, in order."""
+        raise NotImplementedError

@@ -1,0 +1,18 @@
+"""memeval's own plugin: the built-in protocols and the built-in task folder."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from memeval import hookimpl
+
+
+@hookimpl
+def memeval_protocols() -> list[type]:
+    return []
+
+
+@hookimpl
+def memeval_task_dirs() -> list[Path]:
+    return [Path(str(resources.files("memeval_tasks")))]

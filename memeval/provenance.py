@@ -1,0 +1,57 @@
+"""Provenance of a run: versions, git commit, hardware, seeds and the command (summary.json ``meta``)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import shlex
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import memeval
+
+
+def git_commit() -> str:
+    """The commit of the memeval source in use: its git checkout, else ``MEMEVAL_GIT_COMMIT``, else 'unknown'."""
+    here = Path(memeval.__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if out.returncode == 0 and out.stdout.strip():
+            dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.environ.get("MEMEVAL_GIT_COMMIT", "unknown")
+
+
+def hardware(device: torch.device) -> str:
+    cpu = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({torch.cuda.device_count()} visible); {cpu}"
+    return cpu
+
+
+def run_metadata(opts: Any, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    import transformers
+
+    return {
+        "memeval_version": memeval.__version__,
+        "git_commit": git_commit(),
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "seed": opts.seed,
+        "batch_size": opts.batch_size,
+        "command": "memeval " + shlex.join(opts.argv),
+        "limit": opts.limit,
+        "limited": opts.limit is not None,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "hardware": hardware(device),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
