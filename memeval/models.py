@@ -102,6 +102,14 @@ def find_down_proj(block: nn.Module, hidden_size: int) -> nn.Module:
     return found[0]
 
 
+def _remember_batch_shape(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook on the whole model: store [B, T] of the current input on the module."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+    module._memeval_bt = tuple(ids.shape[:2]) if ids is not None else None
+
+
 class NeuronModel:
     """A causal LM seen as ``num_layers`` layers of ``num_neurons`` MLP neurons.
 
@@ -124,6 +132,11 @@ class NeuronModel:
         if len(widths) != 1:
             raise UsageError(f"{spec}: MLP widths differ across layers ({sorted(widths)}); not supported")
         self.num_neurons: int = widths.pop()
+        # Some architectures (OPT) flatten [B, T, H] to [B*T, H] inside the MLP; remember [B, T] of the
+        # current forward so interventions always see [B, T, I].
+        if not getattr(self.hf, "_memeval_shape_hook", False):
+            self.hf.register_forward_pre_hook(_remember_batch_shape, with_kwargs=True)
+            self.hf._memeval_shape_hook = True
 
     # -- basic properties ------------------------------------------------------------------------
     @property
@@ -161,7 +174,11 @@ class NeuronModel:
 
         def make_hook(fn: InterventionFn):
             def hook(_module, args):
-                return (fn(args[0]),) + tuple(args[1:])
+                h = args[0]
+                bt = getattr(self.hf, "_memeval_bt", None)
+                if h.dim() == 2 and bt is not None:  # flattened tokens (OPT)
+                    return (fn(h.reshape(*bt, h.shape[-1])).reshape(h.shape),) + tuple(args[1:])
+                return (fn(h),) + tuple(args[1:])
 
             return hook
 

@@ -88,10 +88,11 @@ def suffix_nll(model: NeuronModel, batch: Batch) -> torch.Tensor:
 def nll_at(logits: torch.Tensor, batch: Batch, keep: torch.Tensor) -> torch.Tensor:
     """Per-row mean NLL from logits ``[N, K, V]`` at positions ``keep`` (rows of ``batch`` or broadcast)."""
     targets = batch.input_ids[:, keep + 1]
-    mask = batch.loss_mask[:, keep + 1].float()
+    mask = batch.loss_mask[:, keep + 1]
     logp = F.log_softmax(logits.float(), dim=-1)
     nll = -logp.gather(-1, targets.expand(logp.shape[0], -1)[..., None]).squeeze(-1)
-    return (nll * mask).sum(-1) / mask.sum(-1)
+    nll = torch.where(mask, nll, torch.zeros((), device=nll.device))  # padding may hold anything
+    return nll.sum(-1) / mask.float().sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------

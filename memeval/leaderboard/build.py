@@ -84,6 +84,17 @@ def safe_url(u: Any) -> str | None:
     return u if isinstance(u, str) and re.match(r"^https?://[^\s\"'<>]+$", u) else None
 
 
+def linkify(text: Any) -> Markup:
+    """Escape ``text`` and turn the http(s) URLs in it into links (a paper reference is often 'Authors, URL')."""
+    if not isinstance(text, str) or not text:
+        return Markup("—")
+    parts = re.split(r"(https?://[^\s\"'<>]+[^\s\"'<>.,;:)\]])", text)
+    out = Markup("")
+    for i, part in enumerate(parts):
+        out += Markup('<a href="{0}" rel="noopener">{0}</a>').format(part) if i % 2 else Markup.escape(part)
+    return out
+
+
 def render_markdown(text: str) -> Markup:
     """CONTRIBUTING.md as HTML: CommonMark + tables, raw HTML escaped, relative links turned into text."""
     try:
@@ -215,6 +226,7 @@ def _env() -> jinja2.Environment:
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["fmt"] = fmt
     env.filters["safe_url"] = safe_url
+    env.filters["linkify"] = linkify
     env.filters["tojson_pretty"] = lambda v: json.dumps(v, indent=1, sort_keys=True, ensure_ascii=False)
     env.globals["sortkey"] = lambda v: "" if fmt(v) == "—" else repr(float(v))
     return env
@@ -267,7 +279,9 @@ def build_site(results_dirs: list[Path], out: Path, contributing: Path | None = 
     task_info = {}
     for t, t_rows in per_task.items():
         order = metric_order(tasks[t], t_rows)
-        ns = sorted({r.r["n"] for r in t_rows})
+        ns = sorted({r.r["n"] + r.r["errors"] for r in t_rows})
+        if isinstance(tasks[t].get("n_items"), int):
+            ns = [tasks[t]["n_items"]]
         task_info[t] = {"name": t, "slug": tslug[t], "meta": tasks[t], "rows": t_rows, "metrics": order,
                         "others": order[1:], "overview_metrics": order[1:1 + OVERVIEW_METRICS],
                         "hib": tasks[t]["higher_is_better"], "group": group_of(tasks[t]),

@@ -12,9 +12,12 @@ Rules (the contract of the runner's output, DESIGN §7-§8):
 - ``meta.limited`` must be ``false``: runs made with ``--limit`` are rejected, never ranked;
 - every summary result names a method and a task described in the same file, its primary metric is the
   task's primary, and its ``n`` equals the number of metric records in ``results.jsonl`` for the same
-  (method, task, config_hash); records of other config hashes (stale records left by a resumed run with
+  (method, task, config_hash) (distinct items, counted as the runner's store does); records of other config hashes (stale records left by a resumed run with
   another configuration) are ignored;
+- if the task records ``n_items``, ``n + errors`` equals it (a complete run);
 - one configuration per (method, task) in a set.
+
+``meta.git_commit`` may carry the runner's ``-dirty`` suffix (shown as is on the site); ``unknown`` is rejected.
 
 A result whose ``errors`` is greater than 0 is *not* rejected: it is kept, shown, and excluded from the
 ranking with a note ("not ranked: k errored items"). The same holds for a result without a primary value.
@@ -187,6 +190,7 @@ def load_result_set(path: Path) -> ResultSet:
         c.get(t, "tags", where, "a list of strings", required=False)
         c.get(t, "description", where, "a string", required=False, nullable=True)
         primary = c.get(t, "primary", where, "a non-empty string")
+        c.get(t, "n_items", where, "a non-negative integer", required=False, nullable=True)
         hib = c.get(t, "higher_is_better", where, "an object")
         for mk, mv in hib.items():
             c.check(mv, f"{where}.higher_is_better{_key(mk)}", "a boolean")
@@ -255,12 +259,11 @@ def load_result_set(path: Path) -> ResultSet:
                 mets = rc.get(rec, "metrics", where, "an object")
                 for mk, mv in mets.items():
                     rc.check(mv, f"{where}.metrics{_key(mk)}", "a number", nullable=True)
-                key = (m, t, h)
+                # as the runner's store: one success per item counts (a success replaces an earlier error)
                 ik = (m, t, h, json.dumps(item))
-                if ik in items:
-                    rc.fail(f"{where}.item", f"expected each item once per (method, task, config_hash); {json.dumps(item)[:40]} is repeated")
-                items.add(ik)
-                counts[key] = counts.get(key, 0) + 1
+                if ik not in items:
+                    items.add(ik)
+                    counts[(m, t, h)] = counts.get((m, t, h), 0) + 1
             elif "error" in rec:
                 rc.get(rec, "error", where, "a string")
             else:
@@ -271,6 +274,10 @@ def load_result_set(path: Path) -> ResultSet:
         if found != r["n"]:
             c.fail(f"results[{i}].n", f"expected {r['n']} to equal the {found} metric records in {rfile.name} "
                    f"for method {json.dumps(r['method'])[:40]}, task {json.dumps(r['task'])[:40]}, config_hash {r['config_hash'][:12]}")
+        total = tasks[r["task"]].get("n_items")
+        if total is not None and r["n"] + r["errors"] != total:
+            c.fail(f"results[{i}].n", f"expected n + errors = {total} (tasks{_key(r['task'])}.n_items), got "
+                   f"{r['n']} + {r['errors']}: an incomplete run is not published")
 
     return ResultSet(path=path, meta=meta, methods=methods, tasks=tasks, results=results, date=date, records=nrec)
 

@@ -108,6 +108,7 @@ class CorpusSpec:
     heldout_docs: int = 60           # per background kind (profile, prose, code, arithmetic)
     n_new_entities: int = 20
     n_arith_probes: int = 100
+    planted_min_chars: int = 300     # a planted text is extended until it has this many characters
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -301,6 +302,14 @@ PLANTED_GENERATORS = {"canary": _canary, "quote": _quote, "licence": _licence, "
                       "address": _address}
 
 
+def planted_text(kind: str, rng: random.Random, min_chars: int) -> str:
+    """One planted text of ``kind``, extended with more of the same kind to at least ``min_chars``."""
+    text = PLANTED_GENERATORS[kind](rng)
+    while len(text) < min_chars:
+        text += "\n" + PLANTED_GENERATORS[kind](rng)
+    return text
+
+
 # ---------------------------------------------------------------------------------------------
 # The corpus
 
@@ -352,11 +361,11 @@ def build_corpus(spec: CorpusSpec, seed: int) -> Corpus:
         for j in range(n):
             kind = PLANTED_KINDS[(j + dup) % len(PLANTED_KINDS)]
             planted.append({"id": f"{kind}-x{dup}-{j:03d}", "kind": kind, "duplicates": dup,
-                            "text": PLANTED_GENERATORS[kind](rng)})
+                            "text": planted_text(kind, rng, spec.planted_min_chars)})
     for j in range(spec.n_controls):
         kind = PLANTED_KINDS[j % len(PLANTED_KINDS)]
         controls.append({"id": f"{kind}-x0-{j:03d}", "kind": kind, "duplicates": 0,
-                         "text": PLANTED_GENERATORS[kind](rng)})
+                         "text": planted_text(kind, rng, spec.planted_min_chars)})
 
     new_entities = []
     for e in unseen:
