@@ -33,6 +33,9 @@ class Preset:
     prefix_len: int = 16      # DEL protocol lengths in tokens (MemPi: 32 + 48 on Pythia)
     suffix_len: int = 32
     eval_batch_size: int = 64
+    # the corpus (world, planted texts) is fixed by the preset; the organism seed sets the weight init,
+    # where planted copies sit in the stream and the batch order (as TinyMem's seeds do)
+    corpus_seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

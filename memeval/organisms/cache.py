@@ -1,0 +1,80 @@
+"""The organism cache: ``$MEMEVAL_CACHE/organisms/<key>``, keyed by a hash of everything that determines
+an organism. An entry is built in a temporary sibling directory, marked complete, then moved into place
+with ``os.replace``; an entry without the marker (or a leftover temporary directory) is never used and is
+rebuilt. A per-key ``flock`` keeps two processes from building the same entry at once (the kernel drops
+the lock of a killed process)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+FORMAT_VERSION = 1
+MARKER = ".complete"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MEMEVAL_CACHE") or "~/.cache/memeval").expanduser()
+
+
+def organisms_dir() -> Path:
+    return cache_root() / "organisms"
+
+
+def cache_key(spec: dict[str, Any]) -> str:
+    """A short stable hash of a JSON-able spec (plus the cache format version)."""
+    blob = json.dumps({"format": FORMAT_VERSION, **spec}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def entry_dir(key: str) -> Path:
+    return organisms_dir() / key
+
+
+def is_complete(path: Path) -> bool:
+    return (path / MARKER).is_file()
+
+
+@contextlib.contextmanager
+def _locked(key: str) -> Iterator[None]:
+    organisms_dir().mkdir(parents=True, exist_ok=True)
+    lock_path = organisms_dir() / f".{key}.lock"
+    with open(lock_path, "a+") as fh:
+        try:
+            import fcntl
+
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        except ImportError:  # pragma: no cover (Windows: no cross-process lock)
+            pass
+        yield
+
+
+def build_atomically(key: str, build: Callable[[Path], None]) -> Path:
+    """Return the complete entry for ``key``, calling ``build(tmp_dir)`` first if there is none."""
+    final = entry_dir(key)
+    if is_complete(final):
+        return final
+    with _locked(key):
+        if is_complete(final):  # built by another process while we waited
+            return final
+        parent = final.parent
+        # we hold the lock: anything left for this key is the debris of a killed build
+        for stale in [final, *parent.glob(f".tmp-{key}-*")]:
+            if stale.exists():
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = parent / f".tmp-{key}-{os.getpid()}-{time.monotonic_ns()}"
+        tmp.mkdir(parents=True)
+        try:
+            build(tmp)
+            (tmp / MARKER).write_text(json.dumps({"key": key, "format": FORMAT_VERSION, "time": time.time()}))
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
