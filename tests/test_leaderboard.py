@@ -274,7 +274,7 @@ def test_task_version_change_unranks_old_results(tmp_path, sets):
 def xss_set(root: Path) -> Path:
     methods = {XSS: {"kind": XSS, "summary": XSS, "paper": "javascript:alert(1)", "plugin": XSS},
                "random": dict(mf.METHODS["random"])}
-    task = dict(mf.TASKS["inj_organism"], description=XSS, model=XSS, tags=[XSS], version=XSS)
+    task = dict(mf.TASKS["inj_organism"], description=XSS, model=XSS, tags=[XSS], version=XSS, n_items=3)
     task["higher_is_better"] = dict(task["higher_is_better"], **{XSS: True})
     tasks = {XSS: task}
     meta = mf.meta("2026-11-24T00:00:00+00:00", "0123456789abcdef0123456789abcdef01234567")
