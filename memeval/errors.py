@@ -11,5 +11,5 @@ def closest(name: str, known: list[str], n: int = 3) -> str:
     """A ' (did you mean: a, b?)' hint with the known names closest to ``name``, or ''."""
     import difflib
 
-    hits = difflib.get_close_matches(name, known, n=n, cutoff=0.5)
+    hits = difflib.get_close_matches(name, known, n=n, cutoff=0.6)
     return f" (did you mean: {', '.join(hits)}?)" if hits else ""

@@ -226,6 +226,7 @@ def _env() -> jinja2.Environment:
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["fmt"] = fmt
     env.filters["safe_url"] = safe_url
+    env.filters["fmt_se"] = lambda v: fmt(v) if fmt(v) in ("—", "0") else f"{v:.2g}"
     env.filters["linkify"] = linkify
     env.filters["tojson_pretty"] = lambda v: json.dumps(v, indent=1, sort_keys=True, ensure_ascii=False)
     env.globals["sortkey"] = lambda v: "" if fmt(v) == "—" else repr(float(v))
@@ -263,7 +264,7 @@ def build_site(results_dirs: list[Path], out: Path, contributing: Path | None = 
 
     def prov(rs: ResultSet, sid: str) -> dict:
         m = rs.meta
-        return {"id": sid, "version": m["memeval_version"], "commit": m["git_commit"], "short": m["git_commit"][:7],
+        return {"id": sid, "version": m["memeval_version"], "commit": m["git_commit"], "short": m["git_commit"][:7], "dirty": m["git_commit"].endswith("-dirty"),
                 "device": m["device"], "dtype": m["dtype"], "date": m["date"], "day": m["date"][:10],
                 "summary": f"data/{sid}/{SUMMARY}", "records": f"data/{sid}/{RECORDS}"}
 

@@ -1,0 +1,393 @@
+"""Seconds per sequence of the five MemPi localizers: memeval (batched) vs a faithful batch-1 fp32 loop of the
+reference algorithm (terarachang/MemPi), same model, same cores, interleaved in one process, with the speed ratio
+and the agreement of their scores (Spearman over all neurons, top-1% overlap).
+
+    python benchmarks/localizers.py                       # organism:tiny (or its fallback) + GPT-2-small arch
+    python benchmarks/localizers.py --model organism:tiny --methods ig,zero_out --gpt2-layers 12
+
+The reference loops below re-implement MemPi's code paths one sequence at a time (`baselines.py`,
+`knowledge_neuron.py`, `slim.py`, `hardconcrete.py`): full-model forwards with full logits, IG re-encoding the
+truncated input for every position and α chunk, Zero-Out running the whole model for every chunk of ablations.
+The two reference loops whose cost is identical for every layer (IG, Zero-Out) can be run on a subset of layers
+(and of Zero-Out's chunks) with their time extrapolated linearly (`--ref-layers`, `--ref-zero-chunks`); the
+agreement is then computed on that subset. The tests import these reference functions as naive oracles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def import_methods():
+    """``memeval_methods`` (the ``methods/`` directory), importable even from an uninstalled source tree."""
+    try:
+        import memeval_methods  # noqa: F401
+    except ImportError:
+        spec = importlib.util.spec_from_file_location("memeval_methods", ROOT / "methods" / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT / "methods")])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["memeval_methods"] = mod
+        spec.loader.exec_module(mod)
+    from memeval_methods.activations import Activations
+    from memeval_methods.hardconcrete import HardConcrete
+    from memeval_methods.integrated_gradients import IntegratedGradients
+    from memeval_methods.slimming import Slimming
+    from memeval_methods.zero_out import ZeroOut
+
+    return {"activations": Activations, "zero_out": ZeroOut, "ig": IntegratedGradients, "slimming": Slimming,
+            "hardconcrete": HardConcrete}
+
+
+# ---------------------------------------------------------------------------------------------
+# Faithful batch-1 re-implementations of the reference code (ids: [1, n] on the model's device)
+
+
+def _labels(ids: torch.Tensor, prefix_len: int) -> torch.Tensor:
+    labels = ids.clone()
+    labels[:, :prefix_len] = -100
+    return labels
+
+
+@torch.no_grad()
+def reference_activations(model, ids, prefix_len: int, faithful: bool = True) -> torch.Tensor:
+    """knowledge_neuron.largest_act: |mean_t h| · ‖v‖ (faithful) or mean_t |h| · ‖v‖ over positions [prefix-1, -1)."""
+    with model.capture() as acts:
+        model.hf(input_ids=ids)
+    out = []
+    for l in range(model.num_layers):
+        a = acts[l][0, prefix_len - 1 : -1].float()
+        m = a.mean(0).abs() if faithful else a.abs().mean(0)
+        out.append(m * model.down_proj(l).float().norm(dim=0))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def reference_zero_out(model, ids, prefix_len: int, n_batches: int = 10, layers=None, chunks=None) -> torch.Tensor:
+    """baselines.fast_zero_out_vector: per layer, ``n_batches`` chunks of "all ones but one zero" coefficient rows,
+    each chunk a full-model forward with full logits. Rows not computed (subset runs) are NaN."""
+    I, n = model.num_neurons, ids.shape[1]
+    loss_ori = model.hf(input_ids=ids, labels=_labels(ids, prefix_len)).loss.item()
+    coefs = torch.ones(I, I, device=model.device)
+    coefs.fill_diagonal_(0.0)
+    losses = torch.full((model.num_layers, I), float("nan"), device=model.device)
+    for ly in range(model.num_layers) if layers is None else layers:
+        start = 0
+        for c, batch_coef in enumerate(coefs.chunk(n_batches)):
+            bs = len(batch_coef)
+            if chunks is None or c < chunks:
+                with model.intervene({ly: lambda h, bc=batch_coef: h * bc.unsqueeze(1)}):
+                    logits = model.hf(input_ids=ids.expand(bs, n)).logits
+                shift_logits = logits[..., prefix_len - 1 : -1, :]
+                shift_labels = ids.expand(bs, n)[..., prefix_len:]
+                loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)).float(),
+                                       shift_labels.reshape(-1), reduction="none").view(bs, -1).mean(1)
+                losses[ly, start : start + bs] = loss
+            start += bs
+    return losses - loss_ori
+
+
+def reference_ig(model, ids, prefix_len: int, steps: int = 20, n_batches: int = 1, layers=None) -> torch.Tensor:
+    """knowledge_neuron.integrated_gradients: for every layer and position i, re-encode ids[:i+1] with the last
+    position's activation replaced by α·h (α chunks of ``steps / n_batches``), grad of p(target)."""
+    with torch.no_grad(), model.capture() as acts_:
+        model.hf(input_ids=ids)
+    acts = {l: a[0].float() for l, a in acts_.items()}
+    target_ids = ids[0, 1:].tolist()
+    n, I = ids.shape[1], model.num_neurons
+    out = torch.full((model.num_layers, I), float("nan"), device=model.device)
+    scales = torch.linspace(0, 1, steps, device=model.device)[:, None]
+    for ly in range(model.num_layers) if layers is None else layers:
+        per_pos = []
+        for i in range(prefix_len - 1, n - 1):
+            ori = acts[ly][i]
+            scaled = (ori.expand(steps, I) * scales).requires_grad_(True)
+            total = torch.zeros(I, device=model.device)
+            for bw in scaled.chunk(n_batches):
+                bs = len(bw)
+
+                def patch(h, bw=bw):
+                    h = h.clone()
+                    h[:, -1, :] = bw.to(h.dtype)
+                    return h
+
+                with model.intervene({ly: patch}):
+                    logits = model.hf(input_ids=ids[:, : i + 1].expand(bs, i + 1)).logits
+                probs = F.softmax(logits[:, -1, :].float(), dim=-1)
+                (grad,) = torch.autograd.grad(torch.unbind(probs[:, target_ids[i]]), bw)
+                total += grad.sum(0)
+            per_pos.append(ori * total / steps)
+        out[ly] = torch.stack(per_pos).mean(0)
+    return out
+
+
+def reference_slimming(model, ids, prefix_len: int, cfg) -> torch.Tensor:
+    """slim.slim: masks at 1, clip in the forward, HF loss + λ·‖m‖₁/N, Adam; stop check every 10 steps."""
+    L, I = model.num_layers, model.num_neurons
+    params = [torch.ones(I, device=model.device, requires_grad=True) for _ in range(L)]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    labels = _labels(ids, prefix_len)
+    fns = {l: (lambda h, p=params[l]: h * torch.clip(p, 0, 1)) for l in range(L)}
+    for i in range(cfg.max_steps):
+        opt.zero_grad()
+        with model.intervene(fns):
+            lm = model.hf(input_ids=ids, labels=labels).loss
+        l1 = sum(torch.norm(p, 1) for p in params) / (L * I)
+        loss = lm + cfg.lambda_l1 * l1
+        if (i + 1) % cfg.check_every == 0 and l1 < cfg.stop_loss:
+            break
+        loss.backward()
+        opt.step()
+    return torch.stack(params).detach().clamp(0, 1)
+
+
+def reference_hardconcrete(model, ids, prefix_len: int, cfg) -> torch.Tensor:
+    """hardconcrete.hard_concrete + modeling_hardconcrete.L0Mask (noise from the global seed 0, per layer)."""
+    torch.manual_seed(0)
+    L, I = model.num_layers, model.num_neurons
+    left, right = -0.1, 1.1
+    p = (cfg.p_init - left) / (right - left)
+    params = [torch.full((I,), math.log(p / (1 - p)), device=model.device, requires_grad=True) for _ in range(L)]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    labels = _labels(ids, prefix_len)
+
+    def gate(s):
+        def fn(h):
+            u = torch.zeros_like(s).uniform_().clamp(0.0001, 0.9999)
+            z = torch.sigmoid((u.log() - (1 - u).log() + s) / cfg.beta)
+            return h * (z * (right - left) + left).clamp(0.0, 1.0)
+
+        return fn
+
+    fns = {l: gate(params[l]) for l in range(L)}
+    for i in range(cfg.max_steps):
+        opt.zero_grad()
+        with model.intervene(fns):
+            lm = model.hf(input_ids=ids, labels=labels).loss
+        reg = sum(torch.sigmoid(s - cfg.beta * math.log(-left / right)).sum() / I for s in params) / L
+        if (i + 1) % cfg.check_every == 0 and reg < cfg.stop_loss:
+            break
+        (lm + cfg.lambda_l0 * reg).backward()
+        opt.step()
+    return torch.sigmoid(torch.stack(params).detach())
+
+
+def run_reference(name: str, model, ids, prefix_len: int, cfg, args):
+    if name == "activations":
+        return reference_activations(model, ids, prefix_len, faithful=True)
+    if name == "zero_out":
+        return reference_zero_out(model, ids, prefix_len, n_batches=args.zero_batches,
+                                  layers=args._ref_layers, chunks=args.ref_zero_chunks)
+    if name == "ig":
+        return reference_ig(model, ids, prefix_len, steps=cfg.steps, layers=args._ref_layers)
+    if name == "slimming":
+        return reference_slimming(model, ids, prefix_len, cfg)
+    if name == "hardconcrete":
+        return reference_hardconcrete(model, ids, prefix_len, cfg)
+    raise ValueError(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Agreement
+
+
+def _rank(x: torch.Tensor) -> torch.Tensor:
+    r = torch.empty_like(x)
+    r[x.argsort()] = torch.arange(x.numel(), dtype=x.dtype, device=x.device)
+    return r
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ok = ~(a.isnan() | b.isnan())
+    ra, rb = _rank(a[ok].double()), _rank(b[ok].double())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-30))
+
+
+def topk_overlap(a: torch.Tensor, b: torch.Tensor, frac: float = 0.01) -> float:
+    """Overlap of the per-layer top-frac neurons (the protocols' selection rule), over the computed layers."""
+    hits = total = 0
+    for la, lb in zip(a, b):
+        ok = ~(la.isnan() | lb.isnan())
+        if not bool(ok.any()):
+            continue
+        la, lb = la[ok], lb[ok]
+        k = max(1, int(round(la.numel() * frac)))
+        sa, sb = set(la.topk(k).indices.tolist()), set(lb.topk(k).indices.tolist())
+        hits += len(sa & sb)
+        total += k
+    return hits / max(total, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and data
+
+
+def gpt2_small(layers: int, seed: int = 0):
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from memeval.models import NeuronModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=layers)  # defaults: d_model 768, MLP 3072, vocab 50257, 12 heads
+    return NeuronModel(AutoModelForCausalLM.from_config(cfg), None, f"random gpt2-small-arch ({layers} layers)")
+
+
+def tiny_neox(seed: int = 0):
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+
+    from memeval.models import NeuronModel
+
+    torch.manual_seed(seed)
+    cfg = GPTNeoXConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                        vocab_size=2048, max_position_embeddings=256, bos_token_id=0, eos_token_id=0)
+    return NeuronModel(AutoModelForCausalLM.from_config(cfg), None, "random gpt-neox (tiny sizes: 4 layers, d 256, I 1024)")
+
+
+def load_bench_model(spec: str):
+    """The ``--model`` spec, with memorized sequences when it is an organism; else the tiny GPT-NeoX fallback."""
+    from memeval.models import load_model
+
+    try:
+        model = load_model(spec)
+    except Exception as e:  # the organism package may not be ready yet
+        print(f"# --model {spec}: not available ({type(e).__name__}: {str(e)[:120]}); "
+              f"falling back to a random GPT-NeoX of the tiny size")
+        return tiny_neox(), None
+    seqs = None
+    if spec.startswith("organism:"):
+        try:
+            from memeval.organisms import get_organism, parse_organism_spec
+
+            org = get_organism(*parse_organism_spec(spec.partition(":")[2]))
+            seqs = [(list(m["input_ids"]), org.prefix_len) for m in org.memorized]
+        except Exception as e:
+            print(f"# organism sequences unavailable ({type(e).__name__}); using random tokens")
+    return model, seqs
+
+
+def make_sequences(model, n: int, prefix: int, suffix: int, given=None, seed: int = 0):
+    from memeval.api import TokenSequence
+
+    if given:
+        return [TokenSequence(f"seq{i}", tuple(ids), p) for i, (ids, p) in enumerate(given[:n])]
+    vocab = model.hf.get_output_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = prefix + suffix - (i % 3)  # slightly different lengths, as a real batch
+        out.append(TokenSequence(f"seq{i}", tuple(torch.randint(0, vocab, (length,), generator=g).tolist()), prefix))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark
+
+
+def bench_model(model, seqs, methods: list[str], classes, args, overrides: dict) -> list[dict]:
+    from memeval.api import Batch
+
+    device = model.device
+    batch = Batch.from_sequences(seqs, model.pad_id, device)
+    L = model.num_layers
+    k = L if args.ref_layers <= 0 else min(args.ref_layers, L)
+    args._ref_layers = sorted({round(i * (L - 1) / max(k - 1, 1)) for i in range(k)})
+    rows = []
+    fp = model.fingerprint()
+    for name in methods:
+        cls = classes[name]
+        cfg = cls.Config(**overrides.get(name, {}))
+        ours_cfg = replace(cfg, faithful=True) if name == "activations" else cfg
+        t_ours, t_ref = [], []
+        ours = ref = None
+        for rep in range(args.reps):
+            order = ("ours", "ref") if rep % 2 == 0 else ("ref", "ours")
+            for who in order:
+                if who == "ours":
+                    t0 = time.perf_counter()
+                    ours = cls(ours_cfg).localize(model, batch)
+                    t_ours.append((time.perf_counter() - t0) / len(seqs))
+                else:
+                    t0 = time.perf_counter()
+                    ref = [run_reference(name, model, torch.tensor([s.input_ids], device=device), s.prefix_len, cfg, args)
+                           for s in seqs]
+                    t_ref.append((time.perf_counter() - t0) / len(seqs))
+        assert model.fingerprint() == fp, f"{name} modified the model"
+        scale = 1.0
+        if name in ("zero_out", "ig"):
+            scale *= L / len(args._ref_layers)
+        if name == "zero_out" and args.ref_zero_chunks:
+            scale *= args.zero_batches / min(args.ref_zero_chunks, args.zero_batches)
+        tr, to = min(t_ref) * scale, min(t_ours)
+        rho = sum(spearman(ours[i].flatten(), ref[i].flatten()) for i in range(len(seqs))) / len(seqs)
+        top = sum(topk_overlap(ours[i], ref[i]) for i in range(len(seqs))) / len(seqs)
+        note = f"ref extrapolated ×{scale:.1f}" if scale != 1.0 else ""
+        rows.append(dict(method=name, ref=tr, ours=to, ratio=tr / to, spearman=rho, top1=top, note=note))
+        print(f"  {name:13s} ref {tr:9.3f} s/seq   memeval {to:8.3f} s/seq   ×{tr / to:6.1f}   "
+              f"spearman {rho:.4f}   top-1% overlap {top:.3f}  {note}", flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="organism:tiny")
+    ap.add_argument("--methods", default="activations,zero_out,ig,slimming,hardconcrete")
+    ap.add_argument("--n-seq", type=int, default=16, help="sequences on the --model (the batch of memeval)")
+    ap.add_argument("--prefix", type=int, default=32)
+    ap.add_argument("--suffix", type=int, default=48)
+    ap.add_argument("--gpt2-layers", type=int, default=12, help="0 skips the GPT-2-small-architecture model")
+    ap.add_argument("--gpt2-n-seq", type=int, default=4)
+    ap.add_argument("--gpt2-prefix", type=int, default=8)
+    ap.add_argument("--gpt2-suffix", type=int, default=8)
+    ap.add_argument("--gpt2-mask-steps", type=int, default=20, help="Slimming/HardConcrete max steps on GPT-2")
+    ap.add_argument("--ref-layers", type=int, default=0, help="layers the IG/Zero-Out reference runs (0 = all)")
+    ap.add_argument("--gpt2-ref-layers", type=int, default=2)
+    ap.add_argument("--ref-zero-chunks", type=int, default=0, help="Zero-Out reference chunks per layer (0 = all)")
+    ap.add_argument("--gpt2-ref-zero-chunks", type=int, default=1)
+    ap.add_argument("--zero-batches", type=int, default=10, help="reference n_batches (MemPi GPT-2: 10)")
+    ap.add_argument("--reps", type=int, default=1)
+    args = ap.parse_args(argv)
+
+    torch.set_grad_enabled(True)
+    classes = import_methods()
+    aliases = {"integrated_gradients": "ig"}
+    methods = [aliases.get(m, m) for m in args.methods.split(",") if m]
+    print(f"# machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads")
+
+    model, given = load_bench_model(args.model)
+    seqs = make_sequences(model, args.n_seq, args.prefix, args.suffix, given)
+    print(f"# model: {model.spec}: {model.num_layers} layers × {model.num_neurons} neurons; "
+          f"{len(seqs)} sequences of {min(len(s.input_ids) for s in seqs)}-{max(len(s.input_ids) for s in seqs)} tokens "
+          f"(prefix {seqs[0].prefix_len}); memeval batch = all of them")
+    saved = (args.ref_layers, args.ref_zero_chunks)
+    bench_model(model, seqs, methods, classes, args, {})
+
+    if args.gpt2_layers > 0:
+        model = gpt2_small(args.gpt2_layers)
+        seqs = make_sequences(model, args.gpt2_n_seq, args.gpt2_prefix, args.gpt2_suffix)
+        args.ref_layers, args.ref_zero_chunks = args.gpt2_ref_layers, args.gpt2_ref_zero_chunks
+        steps = {"max_steps": args.gpt2_mask_steps}
+        print(f"# model: {model.spec}: {model.num_layers} layers × {model.num_neurons} neurons, vocab 50257; "
+              f"{len(seqs)} sequences of {min(len(s.input_ids) for s in seqs)}-{max(len(s.input_ids) for s in seqs)} "
+              f"tokens (prefix {seqs[0].prefix_len}); Slimming/HardConcrete max_steps {args.gpt2_mask_steps}")
+        bench_model(model, seqs, methods, classes, args, {"slimming": steps, "hardconcrete": steps})
+    args.ref_layers, args.ref_zero_chunks = saved
+
+
+if __name__ == "__main__":
+    main()
