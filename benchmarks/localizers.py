@@ -191,7 +191,7 @@ def run_reference(name: str, model, ids, prefix_len: int, cfg, args):
         return reference_activations(model, ids, prefix_len, faithful=True)
     if name == "zero_out":
         return reference_zero_out(model, ids, prefix_len, n_batches=args.zero_batches,
-                                  layers=args._ref_layers, chunks=args.ref_zero_chunks)
+                                  layers=args._ref_layers, chunks=args.ref_zero_chunks or None)
     if name == "ig":
         return reference_ig(model, ids, prefix_len, steps=cfg.steps, layers=args._ref_layers)
     if name == "slimming":
