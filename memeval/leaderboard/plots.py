@@ -41,7 +41,7 @@ def _save(fig: Figure, path: Path) -> None:
         fig.savefig(path, format="svg", metadata={"Date": None}, bbox_inches="tight")
 
 
-def recall_curve(rows: list[dict], path: Path) -> bool:
+def recall_curve(rows: list[dict], path: Path, order: list[str] = ()) -> bool:
     series: dict[str, dict[str, list[tuple[float, float, float | None]]]] = {}
     ceiling: dict[float, list[float]] = {}
     for r in rows:
@@ -85,7 +85,15 @@ def recall_curve(rows: list[dict], path: Path) -> bool:
     return True
 
 
-def ratio_bars(rows: list[dict], path: Path) -> bool:
+def _ordered(bases, order: list[str]) -> list[str]:
+    """Metric bases in the order their first metric appears in ``order`` (primary first), then by name."""
+    pos = {}
+    for i, name in enumerate(order):
+        pos.setdefault(name.split("@", 1)[0], i)
+    return sorted(bases, key=lambda b: (pos.get(b, len(order)), b))
+
+
+def ratio_bars(rows: list[dict], path: Path, order: list[str] = ()) -> bool:
     data: dict[str, dict[str, dict[float, tuple[float, float | None]]]] = {}
     for r in rows:
         for name in r["metrics"]:
@@ -99,7 +107,7 @@ def ratio_bars(rows: list[dict], path: Path) -> bool:
                 data.setdefault(m.group(1), {}).setdefault(r["method"], {})[float(m.group(2))] = (mean, se)
     if not data:
         return False
-    bases = sorted(data)[:6]
+    bases = _ordered(data, list(order))[:6]
     ncols = min(3, len(bases))
     nrows = math.ceil(len(bases) / ncols)
     fig = Figure(figsize=(4.2 * ncols, 3.4 * nrows + 0.6))
@@ -126,7 +134,7 @@ def ratio_bars(rows: list[dict], path: Path) -> bool:
     return True
 
 
-def budget_curves(rows: list[dict], path: Path) -> bool:
+def budget_curves(rows: list[dict], path: Path, order: list[str] = ()) -> bool:
     data: dict[str, dict[str, dict[float, float]]] = {}
     for r in rows:
         for name in r["metrics"]:
@@ -138,8 +146,9 @@ def budget_curves(rows: list[dict], path: Path) -> bool:
                 data.setdefault(m.group(1), {}).setdefault(r["method"], {})[float(m.group(2))] = mean
     if not data:
         return False
-    forget = next((b for b in sorted(data) if "forget" in b), None)
-    others = [b for b in sorted(data) if b != forget][:6] or ([forget] if forget else [])
+    bases = _ordered(data, list(order))
+    forget = next((b for b in bases if "forget" in b), None)
+    others = [b for b in bases if b != forget][:6] or ([forget] if forget else [])
     vs_budget = forget is None or others == [forget]
     ncols = min(2, len(others))
     nrows = math.ceil(len(others) / ncols)
@@ -179,11 +188,11 @@ PLOTS = (
 )
 
 
-def task_plots(rows: list[dict[str, Any]], out_dir: Path, stem: str) -> list[dict[str, str]]:
+def task_plots(rows: list[dict[str, Any]], out_dir: Path, stem: str, order: list[str] = ()) -> list[dict[str, str]]:
     """Write every plot that the rows support as ``out_dir/<stem>-<kind>.svg``; return their descriptions."""
     made = []
     for kind, fn, title, caption in PLOTS:
         path = out_dir / f"{stem}-{kind}.svg"
-        if fn(rows, path):
+        if fn(rows, path, order):
             made.append({"file": path.name, "title": title, "caption": caption})
     return made
