@@ -80,7 +80,7 @@ def recall_curve(rows: list[dict], path: Path, order: list[str] = ()) -> bool:
     ax.set_ylabel("recall")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     _save(fig, path)
     return True
 
