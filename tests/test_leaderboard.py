@@ -506,3 +506,10 @@ def test_site_in_headless_chromium(served_site, browser):
     shot = cdp.send("Page.captureScreenshot", format="png")
     (ARTIFACTS / "leaderboard-overview-phone.png").write_bytes(base64.b64decode(shot["data"]))
     assert cdp.errors() == []
+
+
+def test_site_inside_results_dir_is_not_read_back(tmp_path, sets):
+    out = sets / "site"
+    first = build_site([sets], out)
+    second = build_site([sets], out)  # the copies under site/data/ are not result sets
+    assert first == second and second["sets"] == 2

@@ -131,7 +131,8 @@ def render_markdown(text: str) -> Markup:
 
 
 def find_contributing() -> Path | None:
-    for base in (Path.cwd(), HERE.parent.parent):
+    """CONTRIBUTING.md at the root of the memeval checkout this module runs from, else in the working directory."""
+    for base in (HERE.parent.parent, Path.cwd()):  # the source checkout, then the working directory
         p = base / "CONTRIBUTING.md"
         if p.is_file():
             return p

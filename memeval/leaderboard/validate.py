@@ -291,7 +291,14 @@ def find_result_sets(root: Path) -> list[Path]:
         raise UsageError(f"{root}: path: expected a directory holding {SUMMARY} and {RECORDS}")
     if (root / SUMMARY).exists():
         return [root]
-    found = sorted(p.parent for p in root.rglob(SUMMARY))
+    found = []
+    for p in sorted(root.rglob(SUMMARY)):
+        rel = p.parent.relative_to(root).parts
+        # skip hidden directories and the raw-file copies inside a site built by memeval
+        if any(part.startswith(".") for part in rel) or any(
+                (root.joinpath(*rel[:i]) / ".memeval-site").exists() for i in range(len(rel) + 1)):
+            continue
+        found.append(p.parent)
     if not found:
         raise UsageError(f"{root}: {SUMMARY}: expected a result set here or in a subdirectory, found none")
     return found
