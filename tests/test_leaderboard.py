@@ -111,10 +111,11 @@ def test_build_fixture_site(tmp_path):
 
 
 def test_rebuild_replaces_own_site_but_not_foreign_directory(tmp_path, sets):
-    out = tmp_path / "site"
-    build_site([sets], out)
+    out = sets / "site"  # inside the results directory: its data/ copies must not be read back as sets
+    first = build_site([sets], out)
     (out / "stale.html").write_text("old")
-    build_site([sets], out)
+    second = build_site([sets], out)
+    assert first == second and second["sets"] == 2
     assert not (out / "stale.html").exists() and (out / "index.html").exists()
     foreign = tmp_path / "mine"
     foreign.mkdir()
@@ -122,7 +123,7 @@ def test_rebuild_replaces_own_site_but_not_foreign_directory(tmp_path, sets):
     with pytest.raises(UsageError, match=r"mine: --out: expected a new or empty directory"):
         build_site([sets], foreign)
     assert (foreign / "thesis.tex").read_text() == "precious"
-    assert leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == [] and leftovers(sets) == []
 
 
 def test_submit_page_from_contributing(tmp_path, sets):
@@ -365,7 +366,8 @@ class CDP:
         for ev in self.events:
             m, p = ev.get("method"), ev.get("params", {})
             if m == "Runtime.exceptionThrown":
-                errs.append(json.dumps(p.get("exceptionDetails", {}))[:300])
+                d = p.get("exceptionDetails", {})
+                errs.append(f"{(d.get('exception') or {}).get('description') or d.get('text')} ({d.get('url', '')})")
             elif m == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
                 errs.append(json.dumps(p.get("args", []))[:300])
             elif m == "Log.entryAdded" and p.get("entry", {}).get("level") == "error":
@@ -373,15 +375,15 @@ class CDP:
         return errs
 
 
-@pytest.fixture
-def served_site(tmp_path):
-    site = tmp_path / "site"
+@pytest.fixture(scope="module")
+def served_site(tmp_path_factory):
+    site = tmp_path_factory.mktemp("served") / "site"
     stats = build_site([FIXTURES], site)
     handler = functools.partial(_QuietHandler, directory=str(site))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/", stats
+    yield f"http://127.0.0.1:{server.server_address[1]}/", stats, site
     server.shutdown()
     server.server_close()
 
@@ -391,8 +393,8 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def browser(tmp_path):
+@pytest.fixture(scope="module")
+def browser():
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (apt-get install -y chromium; CI installs it)")
     pytest.importorskip("websocket", reason="websocket-client is needed to drive chromium (test extra)")
@@ -429,7 +431,7 @@ def browser(tmp_path):
 
 @pytest.mark.slow
 def test_site_in_headless_chromium(served_site, browser):
-    base, stats = served_site
+    base, stats, _ = served_site
     cdp = browser
 
     # every page: no console errors, every internal href/src resolves
@@ -508,8 +510,15 @@ def test_site_in_headless_chromium(served_site, browser):
     assert cdp.errors() == []
 
 
-def test_site_inside_results_dir_is_not_read_back(tmp_path, sets):
-    out = sets / "site"
-    first = build_site([sets], out)
-    second = build_site([sets], out)  # the copies under site/data/ are not result sets
-    assert first == second and second["sets"] == 2
+@pytest.mark.slow
+def test_browser_check_catches_errors(served_site, browser):
+    """The console-error check is not vacuous: a thrown error and a 404 resource are both reported."""
+    base, _, site = served_site
+    (site / "broken.html").write_text('<!DOCTYPE html><link rel="icon" href="data:,"><img src="missing.png">'
+                                      '<script>throw new Error("boom")</script>')
+    browser.events.clear()
+    browser.goto(base + "broken.html")
+    time.sleep(0.3)
+    browser.eval("1")  # drain pending events
+    errs = " ".join(browser.errors())
+    assert "boom" in errs and "404" in errs, errs
