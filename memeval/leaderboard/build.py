@@ -297,6 +297,7 @@ def build_site(results_dirs: list[Path], out: Path, contributing: Path | None = 
         method_info[m] = {"name": m, "slug": mslug[m], "meta": methods[m], "rows": m_rows,
                           "n_ranked": {r.task: len(task_info[r.task]["ranked"]) for r in m_rows}}
 
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".memeval-site-", dir=str(out.resolve().parent)))
     try:
         env = _env()
