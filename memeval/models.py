@@ -286,6 +286,7 @@ def load_model(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype
 
     target, revision = resolve_spec(spec)
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(target, revision=revision)
         model = AutoModelForCausalLM.from_pretrained(target, revision=revision, dtype=dtype)

@@ -198,10 +198,11 @@ class Runner:
         protocol_cls = self.registry.protocols[task.protocol].obj
         pairs = []
         for cls in self.methods:
-            if cls.kind not in protocol_cls.accepts:
+            accepts = protocol_cls.accepts_for(task)
+            if cls.kind not in accepts:
                 if self.opts.methods != "all":
-                    console.print(f"[dim]note: {cls.name} ({cls.kind}) skipped on {task.name}: protocol "
-                                  f"{task.protocol} takes {', '.join(protocol_cls.accepts)}[/dim]")
+                    console.print(f"[dim]note: {cls.name} ({cls.kind}) skipped on {task.name}: it takes "
+                                  f"{', '.join(accepts)}[/dim]")
                 continue
             overrides = {**task.method_config.get(cls.name, {}), **self.overrides.get(cls.name, {})}
             where = f"{task.path}:{task.method_config_lines.get(cls.name, task.line)}"

@@ -31,6 +31,11 @@ class Protocol:
     class Params:
         """Schema of the task YAML's ``params`` mapping (typed, with defaults)."""
 
+    @classmethod
+    def accepts_for(cls, task: "Task") -> tuple[str, ...]:
+        """The method kinds this task takes (a protocol may narrow ``accepts`` by its params)."""
+        return cls.accepts
+
     def __init__(self, task: "Task", model: "NeuronModel", seed: int) -> None:
         self.task = task
         self.model = model

@@ -10,7 +10,10 @@ from memeval import hookimpl
 
 @hookimpl
 def memeval_protocols() -> list[type]:
-    return []
+    from memeval.protocols.deletion import DeletionProtocol
+    from memeval.protocols.injection import InjectionProtocol
+
+    return [InjectionProtocol, DeletionProtocol]
 
 
 @hookimpl

@@ -1,0 +1,265 @@
+"""INJ: can a localizer find the neurons into which a new sequence was injected?
+
+Chang, Thomason & Jia (NAACL 2024) §3, Alg. 1. Per sequence, a seeded random ``r`` fraction of all
+neurons (uniform over the flattened [layers × neurons] grid) is chosen; only their down-projection columns
+are trained (Adam, lr 0.05 for r ≤ 0.1% else 0.01, ≤ 200 steps, stop at loss < 0.05) until the model
+reproduces the sequence. The method then scores the injected model, and its scores are compared with the
+injected set, which never leaves this module:
+
+- ``recall@{m}x``: per-layer top-k with k = round(I · m · r), pooled recall (the paper's metric);
+- ``global_recall@{m}x``: one top-k over all layers with k = round(L · I · m · r) (paper App. A.11);
+- ``ap``, ``auc``: average precision and ROC AUC of all scores against the injected set;
+- ``ceiling@1x``: the best recall a per-layer top-k can reach (gold neurons are not spread evenly);
+- ``injected``: 1 when the injection reached the stop loss.
+
+Injection is batched across sequences (a per-row weight delta on the chosen columns, rows independent,
+per-row early stopping) and cached as the changed columns only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.progress import Progress
+
+from memeval.api import Batch, Method, TokenSequence
+from memeval.errors import UsageError
+from memeval.metrics import (average_precision, masked_mean, per_layer_ceiling, per_layer_k, recall, roc_auc,
+                             token_nll, top_k_global, top_k_per_layer)
+from memeval.models import NeuronModel
+from memeval.protocols.base import Protocol
+from memeval.protocols.sources import load_texts, organism_for, resolve_path, split_dev, texts_to_sequences
+
+ECBD = "ECBD definitions ship with MemPi (github.com/terarachang/MemPi, data/ecbd/); download them and set data.path"
+
+
+@dataclass
+class InjectionData:
+    source: str = "organism"  # organism (its never-seen new-entity definitions) | file (JSONL)
+    path: str | None = None
+    key: str = "definition"  # JSONL field holding the text (ECBD: definition)
+    sequences: int = 40  # test sequences (after the dev split)
+    dev: int = 5
+    max_tokens: int = 48
+
+    def __post_init__(self) -> None:
+        if self.source not in ("organism", "file"):
+            raise ValueError(f"source must be organism or file, got {self.source!r}")
+
+
+@dataclass
+class InjectionParams:
+    ratio: float = 0.01
+    multiples: list[int] = field(default_factory=lambda: [1, 2, 5])
+    lr: float | None = None  # None: 0.05 for ratio ≤ 0.001, else 0.01 (MemPi's inject.sh)
+    max_steps: int = 200
+    stop_loss: float = 0.05
+    inject_batch: int = 16
+
+    def __post_init__(self) -> None:
+        if not 0 < self.ratio < 1:
+            raise ValueError(f"ratio must be a fraction in (0, 1), got {self.ratio}")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (0.05 if self.ratio <= 0.001 else 0.01)
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("MEMEVAL_CACHE", Path.home() / ".cache" / "memeval")) / "injected"
+
+
+class InjectionProtocol(Protocol):
+    name = "injection"
+    summary = "Inject a new sequence into random neurons, then ask the localizer to find them"
+    accepts = ("localizer",)
+    Data = InjectionData
+    Params = InjectionParams
+
+    # -- data and injection -------------------------------------------------------------------
+    def prepare(self) -> None:
+        tok = self.model.tokenizer
+        if self.data.source == "organism":
+            texts = organism_for(self.task.model).new_entities
+        else:
+            texts = load_texts(resolve_path(self.data.path, "the injection texts", ECBD), self.data.key)
+        seqs = texts_to_sequences(texts, tok, self.data.max_tokens, 1, "seq")
+        self.dev_sequences, test = split_dev(seqs, self.data.dev, self.seed)
+        self.sequences = {s.id: s for s in test[: self.data.sequences]}
+        if not self.sequences:
+            raise UsageError(f"{self.task.path}: no injection sequences left after the dev split")
+        L, I = self.model.num_layers, self.model.num_neurons
+        self.count = int(L * I * self.params.ratio)
+        if self.count < 1:
+            raise UsageError(f"{self.task.path}: ratio {self.params.ratio} selects no neuron of {L}×{I}")
+        self.injections = self._load_or_inject(list(self.sequences.values()))
+        self.work = self.model.clone()
+
+    def gold_mask(self, item: str) -> torch.Tensor:
+        """The hidden ground truth of one item: a seeded random set over the flattened grid, ``[L, I]``."""
+        L, I = self.model.num_layers, self.model.num_neurons
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(item.encode()))
+        mask = torch.zeros(L * I, dtype=torch.bool)
+        mask[torch.randperm(L * I, generator=gen)[: self.count]] = True
+        return mask.view(L, I)
+
+    def _key(self, seq: TokenSequence) -> str:
+        blob = json.dumps({"model": self.model.fingerprint(), "ids": seq.input_ids, "item": seq.id, "seed": self.seed,
+                           "ratio": self.params.ratio, "lr": self.params.learning_rate, "steps": self.params.max_steps,
+                           "stop": self.params.stop_loss, "dtype": str(self.model.dtype), "v": 1})
+        return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+    def _load_or_inject(self, seqs: list[TokenSequence]) -> dict[str, dict]:
+        root = _cache_root()
+        root.mkdir(parents=True, exist_ok=True)
+        out, todo = {}, []
+        for s in seqs:
+            path = root / f"{self._key(s)}.pt"
+            if path.exists():
+                out[s.id] = torch.load(path, map_location="cpu")
+            else:
+                todo.append(s)
+        with Progress(transient=True) as progress:
+            bar = progress.add_task(f"injecting {len(todo)} sequences", total=len(todo))
+            for start in range(0, len(todo), self.params.inject_batch):
+                chunk = todo[start : start + self.params.inject_batch]
+                for s, result in zip(chunk, self._inject(chunk)):
+                    tmp = root / f".{self._key(s)}.{os.getpid()}.tmp"
+                    torch.save(result, tmp)
+                    os.replace(tmp, root / f"{self._key(s)}.pt")
+                    out[s.id] = result
+                progress.advance(bar, len(chunk))
+        return out
+
+    def _inject(self, seqs: list[TokenSequence]) -> list[dict]:
+        """Train the chosen columns of each row's own model copy, all rows at once (rows independent)."""
+        model, dev = self.model, self.model.device
+        B, L = len(seqs), model.num_layers
+        golds = [self.gold_mask(s.id) for s in seqs]
+        idx, valid, deltas = [], [], []
+        for layer in range(L):
+            rows = [g[layer].nonzero().flatten() for g in golds]
+            width = max(1, max(len(r) for r in rows))
+            idx.append(torch.stack([torch.nn.functional.pad(r, (0, width - len(r))) for r in rows]).to(dev))
+            valid.append(torch.stack([torch.arange(width) < len(r) for r in rows]).to(dev, model.dtype))
+            deltas.append(torch.zeros(B, model.hidden_size, width, device=dev, dtype=model.dtype, requires_grad=True))
+        batch = Batch.from_sequences(seqs, model.pad_id, dev)
+        opt = torch.optim.Adam(deltas, lr=self.params.learning_rate)
+        active = torch.ones(B, dtype=torch.bool, device=dev)
+        final = torch.full((B,), float("inf"), device=dev)
+        with self._row_deltas(idx, valid, deltas):
+            for _ in range(self.params.max_steps + 1):
+                row_loss = masked_mean(token_nll(model.logits(batch), batch.input_ids), batch.loss_mask)
+                final = torch.where(active, row_loss.detach(), final)
+                active &= row_loss.detach() >= self.params.stop_loss
+                if not active.any() or _ == self.params.max_steps:
+                    break
+                opt.zero_grad()
+                (row_loss * active).sum().backward()
+                frozen = [d.detach().clone() for d in deltas]
+                opt.step()
+                with torch.no_grad():
+                    for d, keep in zip(deltas, frozen):
+                        d[~active] = keep[~active]
+        results = []
+        for b in range(B):
+            layers = {}
+            for layer in range(L):
+                n = int(valid[layer][b].sum())
+                if n:
+                    cols = idx[layer][b, :n]
+                    new = model.down_proj(layer)[:, cols].detach() + deltas[layer][b, :, :n].detach()
+                    layers[layer] = (cols.cpu(), new.cpu())
+            results.append({"layers": layers, "final_loss": float(final[b]),
+                            "success": bool(final[b] < self.params.stop_loss)})
+        return results
+
+    @contextlib.contextmanager
+    def _row_deltas(self, idx, valid, deltas):
+        """Add ``Δ_b · h_b[chosen]`` to each row's down-projection output (row b's own injected model)."""
+        handles = []
+
+        def make(layer: int):
+            def hook(module, args, output):
+                h = args[0]
+                shape = output.shape
+                if h.dim() == 2:  # flattened tokens (OPT)
+                    h = h.view(*self.model.hf._memeval_bt, h.shape[-1])
+                B, T, _ = h.shape
+                sel = h.gather(-1, idx[layer][:, None, :].expand(B, T, -1)) * valid[layer][:, None, :]
+                return (output.view(B, T, -1) + torch.einsum("btk,bhk->bth", sel, deltas[layer])).view(shape)
+
+            return hook
+
+        try:
+            for layer in range(self.model.num_layers):
+                handles.append(self.model.down_projs[layer].register_forward_hook(make(layer)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    # -- scoring ------------------------------------------------------------------------------
+    def items(self) -> list[str]:
+        return list(self.sequences)
+
+    def metrics(self) -> dict[str, bool]:
+        out = {"ap": True, "auc": True, "ceiling@1x": True, "injected": True}
+        for m in self.params.multiples:
+            out[f"recall@{m}x"] = True
+            out[f"global_recall@{m}x"] = True
+        return out
+
+    def primary_metric(self) -> str:
+        return f"recall@{self.params.multiples[0]}x"
+
+    @contextlib.contextmanager
+    def _injected(self, item: str):
+        """The work copy of the model with ``item``'s columns injected; restored afterwards."""
+        originals = {}
+        for layer, (cols, new) in self.injections[item]["layers"].items():
+            originals[layer] = self.model.down_proj(layer)[:, cols.to(self.model.device)].detach().clone()
+            w = self.work.down_proj(layer).detach().clone()
+            w[:, cols.to(w.device)] = new.to(w.device, w.dtype)
+            self.work.set_down_proj(layer, w)
+        expected = self.work.fingerprint()
+        try:
+            yield self.work
+            if self.work.fingerprint() != expected:
+                self.work = self.model.clone()
+                raise RuntimeError("the method modified the model's weights (fingerprint changed)")
+        finally:
+            for layer, cols in ((l, c) for l, (c, _) in self.injections[item]["layers"].items()):
+                w = self.work.down_proj(layer).detach().clone()
+                w[:, cols.to(w.device)] = originals[layer]
+                self.work.set_down_proj(layer, w)
+
+    def evaluate(self, method: Method, item_ids: list[str]) -> list[dict[str, float]]:
+        """One item at a time: each item has its own injected model, so rows cannot share a forward."""
+        out = []
+        L, I = self.model.num_layers, self.model.num_neurons
+        for item in item_ids:
+            with self._injected(item) as model:
+                batch = Batch.from_sequences([self.sequences[item]], model.pad_id, model.device)
+                scores = method.localize(model, batch)
+            if tuple(scores.shape) != (1, L, I):
+                raise RuntimeError(f"localize returned shape {tuple(scores.shape)}, expected (1, {L}, {I})")
+            if not torch.isfinite(scores).all():
+                raise RuntimeError("localize returned non-finite scores")
+            scores, gold = scores[0].float().cpu(), self.gold_mask(item)
+            r = self.params.ratio
+            metrics = {"ap": average_precision(scores, gold), "auc": roc_auc(scores, gold),
+                       "ceiling@1x": per_layer_ceiling(gold, per_layer_k(I, r)),
+                       "injected": float(self.injections[item]["success"])}
+            for m in self.params.multiples:
+                metrics[f"recall@{m}x"] = recall(top_k_per_layer(scores, per_layer_k(I, m * r)), gold)
+                metrics[f"global_recall@{m}x"] = recall(top_k_global(scores, max(1, round(L * I * m * r))), gold)
+            out.append(metrics)
+        return out
