@@ -17,7 +17,7 @@ from memeval.metrics import del_thresholds
 from memeval.organisms import cache
 from memeval.organisms.corpus import build_corpus
 from memeval.organisms.presets import PRESETS, Preset, check, model_config
-from memeval.organisms.train import available_cores, deterministic_cpu, pack, train
+from memeval.organisms.train import available_cores, deterministic_cpu, pack, train, training_threads
 
 MEMORIZED_KEYS = ("id", "kind", "duplicates", "input_ids", "prefix_len", "suffix_acc", "distance")
 
@@ -55,7 +55,8 @@ class _Stages:
 
     def __enter__(self) -> "_Stages":
         self.progress.__enter__()
-        self.progress.console.print(f"[bold]building organism[/] {self.title}")
+        if not self.progress.disable:
+            self.progress.console.print(f"[bold]building organism[/] {self.title}")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -76,9 +77,13 @@ def build_organism(preset: Preset, arch: str, seed: int, out: Path, progress: bo
     from memeval.organisms.plot import plot_dose_response
     from memeval.organisms.tokenizer import train_tokenizer
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     t_start = time.perf_counter()
     L = preset.prefix_len + preset.suffix_len
-    with _Stages(f"{preset.name}:{arch}@{seed} → {out}", progress) as ui, deterministic_cpu():
+    with _Stages(f"{preset.name}:{arch}@{seed} → {out}", progress) as ui, deterministic_cpu(training_threads(preset.threads)):
         # 1. corpus and tokenizer ---------------------------------------------------------------
         task = ui.stage("corpus + tokenizer", 3)
         corpus = build_corpus(preset.corpus, preset.corpus_seed)

@@ -36,6 +36,10 @@ class Preset:
     # the corpus (world, planted texts) is fixed by the preset; the organism seed sets the weight init,
     # where planted copies sit in the stream and the batch order (as TinyMem's seeds do)
     corpus_seed: int = 0
+    # torch threads for training (0 = every available core). Part of the recipe: on CPU the thread count
+    # changes the floating-point reduction order, so bit-identical rebuilds need the same count. The
+    # environment variable MEMEVAL_THREADS overrides it (e.g. on a machine shared with other jobs).
+    threads: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -51,17 +55,17 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # unit tests: a few seconds on 2 cores
     "micro": Preset(
-        name="micro", d_model=64, n_layers=2, n_heads=2, mlp_ratio=4, context=64, batch_size=16, steps=160,
+        name="micro", d_model=64, n_layers=2, n_heads=2, mlp_ratio=4, context=64, batch_size=16, steps=140,
         lr=3e-3, warmup_frac=0.05, vocab_size=512,
         corpus=CorpusSpec(n_entities=8, profile_docs=60, prose_docs=40, code_docs=15, arith_docs=15,
                           planted=((1, 2), (2, 2), (8, 2), (32, 2), (128, 2)), n_controls=5,
                           heldout_docs=8, n_new_entities=4, n_arith_probes=20),
-        eval_batch_size=32,
+        eval_batch_size=32, threads=1,
     ),
     # the CI and laptop default: 2 CPU cores, a few minutes
     "tiny": Preset(
         name="tiny", d_model=128, n_layers=4, n_heads=4, mlp_ratio=4, context=128, batch_size=16, steps=800,
-        lr=2e-3, warmup_frac=0.05, vocab_size=2048,
+        lr=2e-3, warmup_frac=0.05, vocab_size=2048, threads=2,
         corpus=CorpusSpec(n_entities=100, profile_docs=4000, prose_docs=2500, code_docs=800, arith_docs=800,
                           planted=((1, 40), (2, 40), (4, 40), (8, 40), (16, 40), (32, 40), (64, 32),
                                    (128, 24)),

@@ -23,6 +23,13 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def training_threads(preset_threads: int) -> int:
+    """``$MEMEVAL_THREADS``, else the preset's count (0 = all cores), capped at the available cores."""
+    env = os.environ.get("MEMEVAL_THREADS", "").strip()
+    n = int(env) if env.isdigit() and int(env) > 0 else preset_threads
+    return min(n, available_cores()) if n > 0 else available_cores()
+
+
 @contextlib.contextmanager
 def deterministic_cpu(threads: int | None = None) -> Iterator[None]:
     """Deterministic algorithms and a fixed thread count for the block (previous settings restored)."""
@@ -113,7 +120,7 @@ def train(
         sched.step()
         opt.zero_grad(set_to_none=True)
         tokens += batch.numel()
-        losses.append(float(loss))
+        losses.append(loss.detach().item())
         if on_step is not None:
             on_step(step + 1, losses[-1], tokens / (time.perf_counter() - start))
         if on_checkpoint is not None and (step + 1) in ckpt_steps:
