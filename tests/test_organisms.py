@@ -276,3 +276,25 @@ def test_bad_organism_spec_is_a_usage_error(use_cache):
 
     with pytest.raises(UsageError, match="expected one of"):
         load_model("organism:enormous")
+
+
+def test_small_preset_trains_a_few_steps():
+    """The GPT-2-small-scale preset is for GPUs; here its width (2 of its 12 layers, to stay fast) and two
+    training steps on short chunks."""
+    from transformers import AutoModelForCausalLM
+
+    from memeval.organisms.presets import model_config
+    from memeval.organisms.train import deterministic_cpu, train
+
+    assert PRESETS["small"].n_layers == 12
+    small = dataclasses.replace(PRESETS["small"], n_layers=2, batch_size=1, context=32, steps=2,
+                                checkpoint_fractions=())
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(model_config(small, "gpt_neox", small.vocab_size, 0, 1))
+    assert model.config.hidden_size == 768 and model.config.intermediate_size == 3072
+    chunks = torch.randint(2, small.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    before = model.gpt_neox.layers[0].mlp.dense_4h_to_h.weight.clone()
+    with deterministic_cpu(1):
+        stats = train(model, chunks, small, 0)
+    assert stats.steps == 2 and stats.tokens == 64 and all(torch.isfinite(torch.tensor(stats.losses)))
+    assert not torch.equal(before, model.gpt_neox.layers[0].mlp.dense_4h_to_h.weight)

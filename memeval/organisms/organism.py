@@ -69,7 +69,8 @@ class _Stages:
         self.progress.update(task, **kw)
 
 
-def build_organism(preset: Preset, arch: str, seed: int, out: Path, progress: bool = True) -> dict[str, Any]:
+def build_organism(preset: Preset, arch: str, seed: int, out: Path, progress: bool = True,
+                   key: str | None = None) -> dict[str, Any]:
     """Build the organism into ``out`` (a fresh directory); returns its info dict."""
     from transformers import AutoModelForCausalLM
 
@@ -190,7 +191,7 @@ def build_organism(preset: Preset, arch: str, seed: int, out: Path, progress: bo
 
         seconds = time.perf_counter() - t_start
         info = {
-            "preset": preset.name, "arch": arch, "seed": seed, "key": out.name,
+            "preset": preset.name, "arch": arch, "seed": seed, "key": key or organism_key(preset, arch, seed),
             "params": params, "vocab_size": len(tokenizer), "d_model": preset.d_model, "n_layers": preset.n_layers,
             "train_tokens": stats.tokens, "corpus_tokens": corpus_tokens,
             "epochs": stats.tokens / (chunks.shape[0] * preset.context),
@@ -327,7 +328,7 @@ def get_organism(preset: str = "tiny", arch: str = "gpt_neox", seed: int = 0, pr
     """The organism ``preset:arch@seed``, built (with progress on stderr) unless it is already cached."""
     p = check(preset, arch)
     key = organism_key(p, arch, seed)
-    path = cache.build_atomically(key, lambda tmp: build_organism(p, arch, seed, tmp, progress))
+    path = cache.build_atomically(key, lambda tmp: build_organism(p, arch, seed, tmp, progress, key))
     return Organism(path, preset, arch, seed)
 
 
