@@ -298,3 +298,21 @@ def test_small_preset_trains_a_few_steps():
         stats = train(model, chunks, small, 0)
     assert stats.steps == 2 and stats.tokens == 64 and all(torch.isfinite(torch.tensor(stats.losses)))
     assert not torch.equal(before, model.gpt_neox.layers[0].mlp.dense_4h_to_h.weight)
+
+
+def test_cli_functions_print_the_required_fields(micro, use_cache, capsys):
+    import json as _json
+
+    from memeval.organisms.cli import build_command, info_command
+
+    assert info_command("micro", "gpt_neox", 0, as_json=True) == 0
+    info = _json.loads(capsys.readouterr().out)
+    for key in ("memorized", "memorized_by_duplication", "heldout_ppl", "fact_accuracy", "arithmetic_accuracy",
+                "params", "train_tokens", "seconds", "exact_match_by_duplication", "exact_match_by_kind",
+                "unigram_ppl", "fact_chance", "arithmetic_chance", "tokens_per_second"):
+        assert key in info, key
+    assert info["memorized"] == len(micro.memorized) and info["path"] == str(micro.path)
+    assert build_command("micro", "gpt_neox", 0) == 0
+    assert "memorized" in capsys.readouterr().out
+    with pytest.raises(UsageError):
+        info_command("micro", "transformer-xl", 0)

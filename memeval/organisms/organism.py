@@ -23,11 +23,12 @@ MEMORIZED_KEYS = ("id", "kind", "duplicates", "input_ids", "prefix_len", "suffix
 
 
 def organism_key(preset: Preset, arch: str, seed: int) -> str:
-    import transformers
+    from importlib.metadata import version
 
     # the transformers major version changes weight init and module layout, hence the weights
+    # (read from the package metadata: importing transformers would make a cache hit slow)
     return cache.cache_key({"preset": preset.to_dict(), "arch": arch, "seed": seed,
-                            "transformers": transformers.__version__.split(".")[0]})
+                            "transformers": version("transformers").split(".")[0]})
 
 
 def _dump_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
