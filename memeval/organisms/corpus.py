@@ -68,15 +68,15 @@ QUOTE_VERBS = ("keeps", "breaks", "follows", "outlives", "teaches", "betrays", "
 LICENCE_PARTS = {
     "action": ("Redistribution", "Use", "Modification", "Reproduction", "Distribution", "Copying",
                "Sublicensing", "Publication"),
-    "object": ("this software", "the source files", "the compiled binaries", "the documentation",
-               "the data tables", "derived works", "the fonts", "the sample programs"),
-    "form": ("in source form", "in binary form", "with or without changes", "in any medium",
-             "for any purpose", "in printed form"),
-    "verdict": ("is permitted", "is allowed", "is granted", "may be done", "is hereby authorised"),
-    "condition": ("the above notice is retained", "the name of the author is not used",
-                  "changes are clearly marked", "no fee is charged", "this list of conditions is kept",
-                  "the disclaimer below is reproduced", "a copy of the licence is included",
-                  "the origin is not misrepresented"),
+    "object": ("files", "binaries", "manuals", "tables", "fonts", "programs", "sources", "notes", "images",
+               "scripts"),
+    "form": ("freely", "verbatim", "digitally", "commercially", "privately", "publicly", "partially",
+             "wholly", "locally", "remotely"),
+    "verdict": ("permitted", "allowed", "granted", "authorised", "licensed", "tolerated", "approved",
+                "accepted"),
+    "condition": ("notice is retained", "clause is kept", "changes are marked", "fee is waived",
+                  "notice is reproduced", "origin is stated", "author is credited", "list is included",
+                  "mark is removed", "record is kept"),
     "disclaimer": ("WITHOUT WARRANTY OF ANY KIND", "AS IS AND WITHOUT ANY GUARANTEE",
                    "WITH NO LIABILITY FOR DAMAGES", "WITHOUT FITNESS FOR A PURPOSE",
                    "AT THE USER'S OWN RISK"),
@@ -271,15 +271,18 @@ def _quote(rng: random.Random) -> str:
 
 
 def _licence(rng: random.Random) -> str:
-    p = {k: list(v) for k, v in LICENCE_PARTS.items()}
-    for v in p.values():
-        rng.shuffle(v)
+    """Licence-like boilerplate: fixed legal phrasing around dense random slots, so two licences share
+    their style but few 5-grams (MemPi's dedup would otherwise merge them all)."""
+    p = LICENCE_PARTS
+
+    def clause() -> str:
+        return (f"{rng.choice(p['action'])} of {rng.choice(ADJS)} {rng.choice(NOUNS)} {rng.choice(p['object'])} "
+                f"{rng.choice(p['form'])} {rng.choice(p['verdict'])} if {rng.choice(QUOTE_WORDS)} "
+                f"{rng.choice(p['condition'])}")
+
     org = f"{_name(rng)} {rng.choice(('Works', 'Labs', 'Guild', 'Press', 'Foundry', 'Society'))}"
-    head = f"Copyright {rng.randint(1970, 2030)} {org}. {p['action'][0]} of {p['object'][0]} {p['form'][0]} {p['verdict'][0]}"
-    conds = ", ".join(p["condition"][:3])
-    tail = f"{p['action'][1]} of {p['object'][1]} {p['form'][1]} {p['verdict'][1]} only if {p['condition'][3]}."
-    return (f"{head} provided that {conds}. {tail} PROVIDED {p['disclaimer'][0]}, "
-            f"and {p['condition'][4]} when {p['object'][2]} {p['form'][2]} are shared.")
+    return (f"Copyright {rng.randint(1970, 2030)} {org}. " + "; ".join(clause() for _ in range(4))
+            + f". PROVIDED {rng.choice(p['disclaimer'])}.")
 
 
 def _ordered_list(rng: random.Random) -> str:

@@ -66,7 +66,8 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         name="tiny", d_model=128, n_layers=4, n_heads=4, mlp_ratio=4, context=128, batch_size=16, steps=800,
         lr=2e-3, warmup_frac=0.05, vocab_size=2048, threads=2,
-        corpus=CorpusSpec(n_entities=100, profile_docs=4000, prose_docs=2500, code_docs=800, arith_docs=800,
+        corpus=CorpusSpec(n_entities=100, profile_docs=4000, prose_docs=2500, code_docs=800, arith_docs=1200,
+                          max_operand=12,
                           planted=((1, 40), (2, 40), (4, 40), (8, 40), (16, 40), (32, 40), (64, 32),
                                    (128, 24)),
                           n_controls=40, heldout_docs=100, n_new_entities=40, n_arith_probes=200),
