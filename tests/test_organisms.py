@@ -219,6 +219,11 @@ def test_cache_recovers_from_partial_entries(use_cache):
     assert not leftover.exists() and cache.is_complete(path)
     assert cache.build_atomically(key, build) == final and len(calls) == 1  # now a hit
 
+    # a killed build of another key is swept too (nobody holds its lock)
+    other = cache.organisms_dir() / ".tmp-otherkey-999-1"
+    other.mkdir()
+    assert cache.sweep_stale() == 1 and not other.exists()
+
     # a build that dies leaves no entry behind
     def dies(tmp: Path) -> None:
         (tmp / "x").write_text("x")

@@ -55,6 +55,28 @@ def _locked(key: str) -> Iterator[None]:
         yield
 
 
+def sweep_stale() -> int:
+    """Remove the temporary directories of killed builds (of any key whose lock nobody holds)."""
+    removed = 0
+    if not organisms_dir().is_dir():
+        return 0
+    for tmp in organisms_dir().glob(".tmp-*"):
+        key = tmp.name.split("-")[1]
+        try:
+            import fcntl
+
+            with open(organisms_dir() / f".{key}.lock", "a+") as fh:
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:  # a build of that key is running
+                    continue
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed += 1
+        except ImportError:  # pragma: no cover
+            return removed
+    return removed
+
+
 def build_atomically(key: str, build: Callable[[Path], None]) -> Path:
     """Return the complete entry for ``key``, calling ``build(tmp_dir)`` first if there is none."""
     final = entry_dir(key)
@@ -68,6 +90,7 @@ def build_atomically(key: str, build: Callable[[Path], None]) -> Path:
         for stale in [final, *parent.glob(f".tmp-{key}-*")]:
             if stale.exists():
                 shutil.rmtree(stale, ignore_errors=True)
+        sweep_stale()
         tmp = parent / f".tmp-{key}-{os.getpid()}-{time.monotonic_ns()}"
         tmp.mkdir(parents=True)
         try:

@@ -17,7 +17,8 @@ from memeval.metrics import del_thresholds
 from memeval.organisms import cache
 from memeval.organisms.corpus import build_corpus
 from memeval.organisms.presets import PRESETS, Preset, check, model_config
-from memeval.organisms.train import available_cores, deterministic_cpu, pack, train, training_threads
+from memeval.organisms.train import (available_cores, batch_order, deterministic_cpu, pack, train,
+                                     training_threads)
 
 MEMORIZED_KEYS = ("id", "kind", "duplicates", "input_ids", "prefix_len", "suffix_acc", "distance")
 
@@ -117,6 +118,17 @@ def build_organism(preset: Preset, arch: str, seed: int, out: Path, progress: bo
             if src == "pl":
                 positions[planted[i]["id"]].append(pos)
         chunks = pack(doc_ids, eos, preset.context)
+        # how often training actually starts a copy of each planted sequence in a sampled chunk
+        seen = torch.bincount(batch_order(chunks.shape[0], preset.steps, preset.batch_size, seed).flatten(),
+                              minlength=chunks.shape[0]).tolist()
+        offsets, total = [], 0
+        for d in doc_ids:
+            offsets.append(total)
+            total += len(d) + 1
+        exposures = {p["id"]: 0 for p in planted}
+        for pos, (src, i) in enumerate(docs):
+            if src == "pl" and offsets[pos] // preset.context < len(seen):
+                exposures[planted[i]["id"]] += seen[offsets[pos] // preset.context]
         corpus_tokens = sum(len(d) + 1 for d in doc_ids)
         (out / "corpus").mkdir()
         _dump_jsonl(out / "corpus" / "train.jsonl",
@@ -168,7 +180,7 @@ def build_organism(preset: Preset, arch: str, seed: int, out: Path, progress: bo
         mem_ids = {m["id"] for m in memorized}
         for m in measured:
             m["memorized"] = m["id"] in mem_ids
-            m["exposures"] = len(positions[m["id"]])
+            m["exposures"] = exposures[m["id"]]
         for m in measured_controls:
             m["memorized"] = False
         ui.update(task, advance=2, info=f"{len(memorized)} memorized")
@@ -247,7 +259,22 @@ def build_organism(preset: Preset, arch: str, seed: int, out: Path, progress: bo
 
 
 class Organism:
-    """A built organism in the cache (read-only view over its files)."""
+    """A built organism in the cache (read-only view over its files).
+
+    - ``path``: the final model directory (``from_pretrained`` loads model and tokenizer from it);
+      ``checkpoints``: model directories at ``checkpoint_fractions`` of training, the last being ``path``;
+    - ``planted``: every planted sequence with ``id, kind, duplicates`` (copies in the corpus),
+      ``exposures`` (how many sampled training chunks started a copy: about duplicates × epochs),
+      ``text, input_ids`` (prefix_len + suffix_len tokens) and its measured ``suffix_acc, exact,
+      distance, distinct_true, distinct_greedy, suffix_nll, passes`` (DEL filters 1-3), ``memorized``;
+    - ``memorized``: the planted sequences passing all DEL filters (incl. the 5-gram dedup), with
+      ``id, kind, duplicates, input_ids, prefix_len, suffix_acc, distance, text, exact``;
+    - ``controls``: planted-like sequences never trained on (duplicates 0), measured the same way;
+    - ``heldout`` (texts never trained on, same distributions), ``new_entities`` (never-seen entity
+      definitions), ``facts`` and ``arithmetic`` ((prompt, answer) probes, answers start with a space);
+    - ``info``: every measurement (see ``memeval organism info --json``); ``manifest``: where each
+      planted sequence sits in the training stream; ``train_documents()``: the stream itself.
+    """
 
     def __init__(self, path: Path, preset: str, arch: str, seed: int) -> None:
         self.path = Path(path)
