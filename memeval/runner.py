@@ -240,9 +240,11 @@ class Runner:
 
     def _prepare(self, task: Task):
         seed = task.seed + self.opts.seed
+        protocol_cls = self.registry.protocols[task.protocol].obj
+        protocol_cls.check_task(task)
         with console.status(f"preparing {task.name} ({task.model})"):
             model = load_model(task.model, self.device, self.dtype)
-            protocol = self.registry.protocols[task.protocol].obj(task, model, seed)
+            protocol = protocol_cls(task, model, seed)
             protocol.prepare()
         directions = {**protocol.metrics(), **task.higher_is_better}
         primary = task.primary or protocol.primary_metric()

@@ -81,3 +81,17 @@ def test_unknown_spec_and_missing_cuda_are_usage_errors(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_unreachable_hub_model_is_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    code = "from memeval.models import load_model; load_model('hf:memeval-test/no-such-model')"
+    proc = subprocess.run([sys.executable, "-c", f"import sys\nfrom memeval.errors import UsageError\ntry:\n    {code}\n"
+                           f"except UsageError as e:\n    print(e); sys.exit(2)"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stdout.count("\n") == 1 and "hf:memeval-test/no-such-model" in proc.stdout
+    assert "huggingface-cli download" in proc.stdout

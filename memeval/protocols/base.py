@@ -36,6 +36,10 @@ class Protocol:
         """The method kinds this task takes (a protocol may narrow ``accepts`` by its params)."""
         return cls.accepts
 
+    @classmethod
+    def check_task(cls, task: "Task") -> None:
+        """Fail fast (a :class:`UsageError`) on what is missing before the model is loaded, e.g. data files."""
+
     def __init__(self, task: "Task", model: "NeuronModel", seed: int) -> None:
         self.task = task
         self.model = model

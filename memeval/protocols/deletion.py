@@ -81,6 +81,12 @@ class DeletionProtocol(Protocol):
         return ("localizer", "editor") if task.params.granularity == "set" else ("localizer",)
 
     # -- data ---------------------------------------------------------------------------------
+    @classmethod
+    def check_task(cls, task) -> None:
+        if task.data.source == "file":
+            resolve_path(task.data.path, "the memorized sequences", MEMPI_DATA)
+            resolve_path(task.data.ppl_path, "the Rand-PPL text", MEMPI_DATA)
+
     def prepare(self) -> None:
         memorized, ppl = self._load()
         dev, test = split_dev(memorized, self.data.dev, self.seed)

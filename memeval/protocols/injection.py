@@ -84,6 +84,11 @@ class InjectionProtocol(Protocol):
     Params = InjectionParams
 
     # -- data and injection -------------------------------------------------------------------
+    @classmethod
+    def check_task(cls, task) -> None:
+        if task.data.source == "file":
+            resolve_path(task.data.path, "the injection texts", ECBD)
+
     def prepare(self) -> None:
         tok = self.model.tokenizer
         if self.data.source == "organism":

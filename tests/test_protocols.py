@@ -1,0 +1,143 @@
+"""INJ and DEL on tiny models with known answers: a planted neuron set, a hand-computed deletion."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from memeval import hookimpl
+from memeval.api import Batch, Localizer, TokenSequence
+from memeval.cli import main
+from memeval.metrics import masked_mean, token_correct
+from memeval.models import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class WeightDiff(Localizer):
+    """Oracle for INJ: the norm of each down-projection column's change from the base model."""
+
+    name = "weight_diff"
+    summary = "test oracle"
+    base = None
+
+    def localize(self, model, batch):
+        diffs = [(model.down_proj(l) - self.base.down_proj(l)).norm(dim=0) for l in range(model.num_layers)]
+        return torch.stack(diffs)[None].expand(len(batch), -1, -1)
+
+
+class FixedNeurons(Localizer):
+    """Scores neurons 0..9 of every layer highest, in decreasing order."""
+
+    name = "fixed"
+    summary = "test localizer"
+
+    def localize(self, model, batch):
+        scores = torch.zeros(len(batch), model.num_layers, model.num_neurons, device=model.device)
+        scores[:, :, :10] = torch.arange(10, 0, -1, device=model.device, dtype=torch.float32)
+        return scores
+
+
+class Plugin:
+    @hookimpl
+    def memeval_methods(self):
+        return [WeightDiff, FixedNeurons]
+
+
+def run(tasks: Path, out: Path, methods: str, task: str) -> dict:
+    code = main(["--methods", methods, "--tasks", task, "--include-path", str(tasks), "--output", str(out),
+                 "--device", "cpu"])
+    assert code == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def env(memeval_plugin, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMEVAL_LOAD_PLUGINS", "")
+    memeval_plugin(Plugin(), "protocol-test-methods")
+    model_dir = tiny_model_dir("gpt2")
+    return model_dir, tmp_path
+
+
+def test_injection_oracle_finds_every_planted_neuron_and_random_does_not(env):
+    model_dir, tmp = env
+    WeightDiff.base = load_model(str(model_dir))
+    texts = tmp / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"definition": f"alpha river {w} stone north seven quiet lamp gamma"}) + "\n"
+                             for w in ("beta", "delta", "seven", "quiet", "lamp")))
+    tasks = tmp / "tasks"
+    tasks.mkdir()
+    (tasks / "inj.yaml").write_text(
+        f"task: inj_tiny\nversion: 1\nprotocol: injection\nmodel: {model_dir}\n"
+        f"data: {{source: file, path: {texts}, sequences: 4, dev: 1, max_tokens: 16}}\n"
+        "params: {ratio: 0.05, multiples: [1, 5], max_steps: 30}\n")
+    summary = run(tasks, tmp / "out", "weight_diff,random", "inj_tiny")
+    res = {e["method"]: e["metrics"] for e in summary["results"]}
+    oracle = res["weight_diff"]
+    # Every injected column changed and nothing else did: a perfect ranking.
+    assert oracle["global_recall@1x"]["mean"] == 1.0
+    assert oracle["ap"]["mean"] == 1.0 and oracle["auc"]["mean"] == 1.0
+    # Per-layer top-k can only reach the ceiling set by how the gold neurons fell across layers.
+    assert oracle["recall@1x"]["mean"] == pytest.approx(oracle["ceiling@1x"]["mean"])
+    assert oracle["recall@5x"]["mean"] == 1.0
+    rnd = res["random"]
+    assert rnd["auc"]["mean"] < 0.85 and rnd["global_recall@1x"]["mean"] < 0.5
+    # The injected model is restored between items: the base weights are untouched.
+    assert load_model(str(model_dir)).fingerprint() == WeightDiff.base.fingerprint()
+
+
+def test_deletion_metrics_equal_a_hand_computed_ablation(env):
+    model_dir, tmp = env
+    model = load_model(str(model_dir))
+    gen = torch.Generator().manual_seed(0)
+    seqs = [TokenSequence(f"m{i}", tuple(torch.randint(1, 120, (14,), generator=gen).tolist()), 6) for i in range(6)]
+    mem = tmp / "memorized.jsonl"
+    mem.write_text("".join(json.dumps({"input_ids": list(s.input_ids), "prefix_len": 6}) + "\n" for s in seqs))
+    ppl = tmp / "ppl.pt"
+    torch.save(torch.randint(1, 120, (4, 20), generator=gen), ppl)
+    tasks = tmp / "tasks"
+    tasks.mkdir()
+    (tasks / "del.yaml").write_text(
+        f"task: del_tiny\nversion: 1\nprotocol: deletion\nmodel: {model_dir}\n"
+        f"data: {{source: file, path: {mem}, dev: 1, targets: 5, negatives: 5, ppl_path: {ppl}, ppl_sequences: 4}}\n"
+        "params: {ratios: [0.05, 0.125], skip_layers: [0]}\n")
+    run(tasks, tmp / "out", "fixed", "del_tiny")
+    recs = {r["item"]: r["metrics"] for r in records(tmp / "out")}
+    assert len(recs) == 5
+
+    def acc(seq: TokenSequence) -> float:
+        batch = Batch.from_sequences([seq], model.pad_id, "cpu")
+        with torch.no_grad():
+            return float(masked_mean(token_correct(model.logits(batch), batch.input_ids), batch.loss_mask)[0])
+
+    by_id = {f"memorized:{i}": s for i, s in enumerate(seqs)}
+    for item, metrics in recs.items():
+        seq = by_id[item]
+        before = acc(seq)
+        # ratio 0.125 of 80 neurons = 10 per layer: neurons 0..9, in layer 1 only (layer 0 skipped)
+        with model.ablate({1: torch.arange(10)}):
+            after = acc(seq)
+        assert metrics["d_self_acc@0.125"] == pytest.approx(after - before)
+        with model.ablate({1: torch.arange(4)}):  # int(80 * 0.05) = 4
+            after_small = acc(seq)
+        assert metrics["d_self_acc@0.05"] == pytest.approx(after_small - before)
+        assert metrics["self_acc_before"] == pytest.approx(before)
+
+
+@pytest.mark.parametrize("group", ["del_paper", "inj_paper"])
+def test_paper_tasks_fail_clearly_without_weights_or_data(group, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("MEMEVAL_DATA", raising=False)
+    assert main(["validate", str(ROOT / "tasks")]) == 0
+    code = main(["--methods", "random", "--tasks", group, "--output", str(tmp_path), "--limit", "1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and ("cannot load it" in err or "data.path" in err)
