@@ -27,6 +27,9 @@ def plot_dose_response(planted: list[dict[str, Any]], out: Path, title: str = ""
     ax.plot(dups, rate(planted, "exact"), lw=2.5, color="black", marker="o", label="exact match (all)")
     ax.plot(dups, rate(planted, "memorized"), lw=2, ls="--", color="tab:red", marker="s",
             label="memorized (DEL filters)")
+    acc = [sum(r["suffix_acc"] for r in planted if r["duplicates"] == d) /
+           max(1, sum(1 for r in planted if r["duplicates"] == d)) for d in dups]
+    ax.plot(dups, acc, lw=1.5, ls=":", color="tab:blue", marker="^", label="mean suffix accuracy")
     ax.set_xscale("log", base=2)
     ax.set_xticks(dups)
     ax.set_xticklabels([str(d) for d in dups])
@@ -35,7 +38,7 @@ def plot_dose_response(planted: list[dict[str, Any]], out: Path, title: str = ""
     ax.set_ylabel("rate")
     ax.set_title(title or "memorization vs duplication")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
