@@ -29,14 +29,14 @@ def matmul_flops(m: int, k: int, n: int, seconds: float = 1.5) -> float:
     return 2 * m * k * n * reps / (time.perf_counter() - start)
 
 
-def bench(preset_name: str, arch: str, steps: int) -> dict:
+def bench(preset_name: str, arch: str, steps: int, batch_size: int = 0) -> dict:
     from transformers import AutoModelForCausalLM
 
     from memeval.organisms.presets import PRESETS, model_config
     from memeval.organisms.train import train
 
     p = PRESETS[preset_name]
-    p = dataclasses.replace(p, steps=steps, checkpoint_fractions=())
+    p = dataclasses.replace(p, steps=steps, checkpoint_fractions=(), batch_size=batch_size or p.batch_size)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(model_config(p, arch, p.vocab_size, 0, 1))
     params = sum(x.numel() for x in model.parameters())
@@ -55,6 +55,8 @@ def main() -> None:
     ap.add_argument("--presets", default="micro,tiny,small")
     ap.add_argument("--archs", default="gpt_neox,gpt2,llama")
     ap.add_argument("--steps", type=int, default=0, help="steps per run (default: 40 micro, 20 tiny, 2 small)")
+    ap.add_argument("--small-batch", type=int, default=1,
+                    help="batch size for the small preset on CPU (its real batch, 32 x 512 tokens, takes minutes a step)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all available cores)")
     args = ap.parse_args()
 
@@ -67,7 +69,8 @@ def main() -> None:
           f"{'matmul GFLOP/s':>15} {'ratio':>6}")
     for preset in args.presets.split(","):
         for arch in args.archs.split(","):
-            r = bench(preset, arch, args.steps or default_steps.get(preset, 10))
+            r = bench(preset, arch, args.steps or default_steps.get(preset, 10),
+                      args.small_batch if preset == "small" else 0)
             print(f"{r['preset']:<7} {r['arch']:<9} {r['params']:>10,} {r['steps']:>5} {r['tokens_per_s']:>10,.0f} "
                   f"{r['model_flops'] / 1e9:>14.1f} {r['matmul_flops'] / 1e9:>15.1f} "
                   f"{r['model_flops'] / r['matmul_flops']:>6.2f}", flush=True)
