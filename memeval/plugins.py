@@ -7,6 +7,8 @@ implements some of the hooks below. Built-in protocols are registered from ``DEF
   name); an empty value loads none. memeval's own entry points always load.
 - A plugin that fails to import is skipped with a warning naming it; the rest still load.
 - Two methods (or protocols) with one name: a :class:`UsageError` naming both distributions.
+- ``MEMEVAL_PLUGIN_MODULES=pkg.mod,other`` also registers importable modules that are not installed as
+  distributions (a plugin under development; worker processes inherit it).
 - ``MEMEVAL_TRACE_PLUGINS=1`` prints every hook call on stderr.
 """
 
@@ -108,6 +110,13 @@ def get_plugin_manager() -> pluggy.PluginManager:
             continue
         pm.register(plugin, name=ep.name)
         _dists[ep.name] = dist
+    for module_name in filter(None, (m.strip() for m in os.environ.get("MEMEVAL_PLUGIN_MODULES", "").split(","))):
+        try:
+            pm.register(importlib.import_module(module_name), name=module_name)
+            _dists[module_name] = f"module {module_name}"
+        except Exception as e:
+            warnings.warn(f"memeval: plugin module '{module_name}' (MEMEVAL_PLUGIN_MODULES) failed to import and was "
+                          f"skipped: {type(e).__name__}: {e}", stacklevel=2)
     _pm = pm
     return pm
 

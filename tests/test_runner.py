@@ -158,12 +158,10 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tiny_model_dir, tmp_pat
     plugin_dir.mkdir()
     (plugin_dir / "memeval_toy_plugin.py").write_text(TOY_PLUGIN_MODULE)
     tasks = write_task(tmp_path / "tasks", tiny_model_dir("gpt2"), sequences=40)
-    env = {**os.environ, "PYTHONPATH": str(plugin_dir)}
-    runner = ("import sys, memeval.plugins as p, memeval_toy_plugin as t, memeval.cli as c; "
-              "p.register(t, 'toy'); sys.exit(c.main(sys.argv[1:]))")
+    env = {**os.environ, "PYTHONPATH": str(plugin_dir), "MEMEVAL_PLUGIN_MODULES": "memeval_toy_plugin"}
 
     def cmd(out: Path) -> list[str]:
-        return [sys.executable, "-c", runner, "--methods", "random,toy_oracle", "--tasks", "toy_task",
+        return [sys.executable, "-m", "memeval.cli", "--methods", "random,toy_oracle", "--tasks", "toy_task",
                 "--include-path", str(tasks), "--output", str(out), "--device", "cpu", "--batch-size", "1"]
 
     assert subprocess.run(cmd(tmp_path / "ref"), env=env, capture_output=True).returncode == 0
@@ -184,3 +182,23 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tiny_model_dir, tmp_pat
     strip = lambda s: [{k: v for k, v in e.items() if k != "seconds_per_item"} for e in s["results"]]
     assert strip(summary) == strip(ref_summary)
     assert summary["tasks"] == ref_summary["tasks"]
+
+
+@pytest.mark.slow
+def test_two_devices_shard_items_across_worker_processes(tiny_model_dir, tmp_path):
+    """``--device cpu,cpu`` runs one worker per device on alternate items; the numbers equal one process."""
+    plugin_dir = tmp_path / "plugin"
+    plugin_dir.mkdir()
+    (plugin_dir / "memeval_toy_plugin.py").write_text(TOY_PLUGIN_MODULE)
+    tasks = write_task(tmp_path / "tasks", tiny_model_dir("gpt2"), sequences=8)
+    env = {**os.environ, "PYTHONPATH": str(plugin_dir), "MEMEVAL_PLUGIN_MODULES": "memeval_toy_plugin"}
+    base = [sys.executable, "-m", "memeval.cli", "--methods", "random,toy_oracle", "--tasks", "toy_task",
+            "--include-path", str(tasks)]
+    one = subprocess.run([*base, "--output", str(tmp_path / "one"), "--device", "cpu"], env=env, capture_output=True)
+    two = subprocess.run([*base, "--output", str(tmp_path / "two"), "--device", "cpu,cpu"], env=env, capture_output=True)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr.decode()[-500:]
+    s1, r1 = load(tmp_path / "one")
+    s2, r2 = load(tmp_path / "two")
+    assert len(r2) == 16 and len({(r["method"], r["item"]) for r in r2}) == 16
+    strip = lambda s: [{k: v for k, v in e.items() if k != "seconds_per_item"} for e in s["results"]]
+    assert strip(s1) == strip(s2)
