@@ -258,25 +258,36 @@ def tiny_neox(seed: int = 0):
     return NeuronModel(AutoModelForCausalLM.from_config(cfg), None, "random gpt-neox (tiny sizes: 4 layers, d 256, I 1024)")
 
 
-def load_bench_model(spec: str):
-    """The ``--model`` spec, with memorized sequences when it is an organism; else the tiny GPT-NeoX fallback."""
+def load_bench_model(spec: str, build: bool = False):
+    """The ``--model`` spec, with memorized sequences when it is an organism; else the tiny GPT-NeoX fallback
+    (also when the organism is not built yet and ``build`` is false, or for ``--model fallback``)."""
     from memeval.models import load_model
 
+    if spec == "fallback":
+        return tiny_neox(), None
+    org = None
     try:
-        model = load_model(spec)
+        if spec.startswith("organism:"):
+            from memeval.organisms import cache, organism, parse_organism_spec
+
+            preset, arch, seed = parse_organism_spec(spec.partition(":")[2])
+            key = organism.organism_key(organism.check(preset, arch), arch, seed)
+            if not build and not cache.entry_dir(key).exists():
+                raise LookupError("not built yet (pass --build to build it first)")
+            org = organism.get_organism(preset, arch, seed)
+            model = org.load()
+        else:
+            model = load_model(spec)
     except Exception as e:  # the organism package may not be ready yet
-        print(f"# --model {spec}: not available ({type(e).__name__}: {str(e)[:120]}); "
-              f"falling back to a random GPT-NeoX of the tiny size")
+        print(f"# --model {spec}: not available ({type(e).__name__}: {str(e)[:160]}); "
+              f"falling back to a random GPT-NeoX of the tiny size", flush=True)
         return tiny_neox(), None
     seqs = None
-    if spec.startswith("organism:"):
+    if org is not None:
         try:
-            from memeval.organisms import get_organism, parse_organism_spec
-
-            org = get_organism(*parse_organism_spec(spec.partition(":")[2]))
             seqs = [(list(m["input_ids"]), org.prefix_len) for m in org.memorized]
         except Exception as e:
-            print(f"# organism sequences unavailable ({type(e).__name__}); using random tokens")
+            print(f"# organism sequences unavailable ({type(e).__name__}: {e}); using random tokens", flush=True)
     return model, seqs
 
 
@@ -308,7 +319,12 @@ def bench_model(model, seqs, methods: list[str], classes, args, overrides: dict)
     args._ref_layers = sorted({round(i * (L - 1) / max(k - 1, 1)) for i in range(k)})
     rows = []
     fp = model.fingerprint()
+    all_seqs, all_batch = seqs, batch
     for name in methods:
+        seqs, batch = all_seqs, all_batch
+        if name in ("zero_out", "ig") and args.slow_n_seq:
+            seqs = all_seqs[: args.slow_n_seq]
+            batch = Batch.from_sequences(seqs, model.pad_id, device)
         cls = classes[name]
         cfg = cls.Config(**overrides.get(name, {}))
         ours_cfg = replace(cfg, faithful=True) if name == "activations" else cfg
@@ -336,6 +352,7 @@ def bench_model(model, seqs, methods: list[str], classes, args, overrides: dict)
         rho = sum(spearman(ours[i].flatten(), ref[i].flatten()) for i in range(len(seqs))) / len(seqs)
         top = sum(topk_overlap(ours[i], ref[i]) for i in range(len(seqs))) / len(seqs)
         note = f"ref extrapolated ×{scale:.1f}" if scale != 1.0 else ""
+        note += f" ({len(seqs)} sequences)"
         rows.append(dict(method=name, ref=tr, ours=to, ratio=tr / to, spearman=rho, top1=top, note=note))
         print(f"  {name:13s} ref {tr:9.3f} s/seq   memeval {to:8.3f} s/seq   ×{tr / to:6.1f}   "
               f"spearman {rho:.4f}   top-1% overlap {top:.3f}  {note}", flush=True)
@@ -359,17 +376,24 @@ def main(argv=None) -> None:
     ap.add_argument("--ref-zero-chunks", type=int, default=0, help="Zero-Out reference chunks per layer (0 = all)")
     ap.add_argument("--gpt2-ref-zero-chunks", type=int, default=1)
     ap.add_argument("--zero-batches", type=int, default=10, help="reference n_batches (MemPi GPT-2: 10)")
+    ap.add_argument("--slow-n-seq", type=int, default=2,
+                    help="sequences for Zero-Out and IG (memeval runs Zero-Out row by row, so fewer rows lose nothing)")
     ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--build", action="store_true", help="build the organism if it is not cached yet")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     args = ap.parse_args(argv)
 
     torch.set_grad_enabled(True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     classes = import_methods()
     aliases = {"integrated_gradients": "ig"}
     methods = [aliases.get(m, m) for m in args.methods.split(",") if m]
     print(f"# machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads")
+          f"{os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads, "
+          f"load average {os.getloadavg()[0]:.1f} at start", flush=True)
 
-    model, given = load_bench_model(args.model)
+    model, given = load_bench_model(args.model, args.build)
     seqs = make_sequences(model, args.n_seq, args.prefix, args.suffix, given)
     print(f"# model: {model.spec}: {model.num_layers} layers × {model.num_neurons} neurons; "
           f"{len(seqs)} sequences of {min(len(s.input_ids) for s in seqs)}-{max(len(s.input_ids) for s in seqs)} tokens "
