@@ -155,8 +155,10 @@ def reference_slimming(model, ids, prefix_len: int, cfg) -> torch.Tensor:
     return torch.stack(params).detach().clamp(0, 1)
 
 
-def reference_hardconcrete(model, ids, prefix_len: int, cfg) -> torch.Tensor:
-    """hardconcrete.hard_concrete + modeling_hardconcrete.L0Mask (noise from the global seed 0, per layer)."""
+def reference_hardconcrete(model, ids, prefix_len: int, cfg, generator=None) -> torch.Tensor:
+    """hardconcrete.hard_concrete + modeling_hardconcrete.L0Mask (noise from the global seed 0, per layer).
+    With ``generator``, the noise of each step is instead one [L, I] draw from it (memeval's per-row stream),
+    which makes the two implementations comparable draw for draw."""
     torch.manual_seed(0)
     L, I = model.num_layers, model.num_neurons
     left, right = -0.1, 1.1
@@ -165,15 +167,22 @@ def reference_hardconcrete(model, ids, prefix_len: int, cfg) -> torch.Tensor:
     opt = torch.optim.Adam(params, lr=cfg.lr)
     labels = _labels(ids, prefix_len)
 
-    def gate(s):
+    noise = {}
+
+    def gate(s, l):
         def fn(h):
-            u = torch.zeros_like(s).uniform_().clamp(0.0001, 0.9999)
+            if generator is None:
+                u = torch.zeros_like(s).uniform_().clamp(0.0001, 0.9999)
+            else:
+                if l == 0:
+                    noise["u"] = torch.rand((L, I), generator=generator, device=s.device)
+                u = noise["u"][l].clamp(0.0001, 0.9999)
             z = torch.sigmoid((u.log() - (1 - u).log() + s) / cfg.beta)
             return h * (z * (right - left) + left).clamp(0.0, 1.0)
 
         return fn
 
-    fns = {l: gate(params[l]) for l in range(L)}
+    fns = {l: gate(params[l], l) for l in range(L)}
     for i in range(cfg.max_steps):
         opt.zero_grad()
         with model.intervene(fns):
@@ -186,18 +195,22 @@ def reference_hardconcrete(model, ids, prefix_len: int, cfg) -> torch.Tensor:
     return torch.sigmoid(torch.stack(params).detach())
 
 
-def run_reference(name: str, model, ids, prefix_len: int, cfg, args):
+def run_reference(name: str, model, ids, prefix_len: int, cfg, args, item_id: str = ""):
     if name == "activations":
         return reference_activations(model, ids, prefix_len, faithful=True)
     if name == "zero_out":
         return reference_zero_out(model, ids, prefix_len, n_batches=args.zero_batches,
-                                  layers=args._ref_layers, chunks=args.ref_zero_chunks or None)
+                                  layers=args._ref_layers, chunks=args.ref_zero_chunks or None)[:, : args._zero_width]
     if name == "ig":
         return reference_ig(model, ids, prefix_len, steps=cfg.steps, layers=args._ref_layers)
     if name == "slimming":
         return reference_slimming(model, ids, prefix_len, cfg)
     if name == "hardconcrete":
         return reference_hardconcrete(model, ids, prefix_len, cfg)
+    if name == "hardconcrete_same_noise":
+        from memeval_methods._common import row_generator
+
+        return reference_hardconcrete(model, ids, prefix_len, cfg, generator=row_generator(model, cfg.seed, item_id))
     raise ValueError(name)
 
 
@@ -322,12 +335,21 @@ def bench_model(model, seqs, methods: list[str], classes, args, overrides: dict)
     all_seqs, all_batch = seqs, batch
     for name in methods:
         seqs, batch = all_seqs, all_batch
-        if name in ("zero_out", "ig") and args.slow_n_seq:
+        if name in ("zero_out", "ig", "hardconcrete_same_noise") and args.slow_n_seq:
             seqs = all_seqs[: args.slow_n_seq]
             batch = Batch.from_sequences(seqs, model.pad_id, device)
+        ref_name = name
+        if name == "hardconcrete_same_noise":
+            name = "hardconcrete"
         cls = classes[name]
         cfg = cls.Config(**overrides.get(name, {}))
         ours_cfg = replace(cfg, faithful=True) if name == "activations" else cfg
+        I = model.num_neurons
+        args._zero_width = I
+        if name == "zero_out":  # partial runs: the same layers (and first chunks) for both, times extrapolated
+            if args.ref_zero_chunks:
+                args._zero_width = sum(len(c) for c in torch.arange(I).chunk(args.zero_batches)[: args.ref_zero_chunks])
+            ours_cfg = replace(cfg, layers=tuple(args._ref_layers), max_neurons=args._zero_width)
         t_ours, t_ref = [], []
         ours = ref = None
         for rep in range(args.reps):
@@ -339,19 +361,28 @@ def bench_model(model, seqs, methods: list[str], classes, args, overrides: dict)
                     t_ours.append((time.perf_counter() - t0) / len(seqs))
                 else:
                     t0 = time.perf_counter()
-                    ref = [run_reference(name, model, torch.tensor([s.input_ids], device=device), s.prefix_len, cfg, args)
-                           for s in seqs]
+                    ref = [run_reference(ref_name, model, torch.tensor([s.input_ids], device=device), s.prefix_len,
+                                         cfg, args, s.id) for s in seqs]
                     t_ref.append((time.perf_counter() - t0) / len(seqs))
         assert model.fingerprint() == fp, f"{name} modified the model"
-        scale = 1.0
+        scale = ours_scale = 1.0
         if name in ("zero_out", "ig"):
             scale *= L / len(args._ref_layers)
-        if name == "zero_out" and args.ref_zero_chunks:
-            scale *= args.zero_batches / min(args.ref_zero_chunks, args.zero_batches)
-        tr, to = min(t_ref) * scale, min(t_ours)
+        if name == "zero_out":
+            # memeval's cost per layer is linear in the layer index (blocks above it), so the spread layers
+            # (which include both ends) average to the all-layer mean; per-neuron cost is constant
+            scale *= I / args._zero_width
+            ours_scale = scale
+            ours = ours[:, :, : args._zero_width].clone()
+            mask = torch.ones(L, dtype=torch.bool)
+            mask[args._ref_layers] = False
+            ours[:, mask] = float("nan")
+        tr, to = min(t_ref) * scale, min(t_ours) * ours_scale
         rho = sum(spearman(ours[i].flatten(), ref[i].flatten()) for i in range(len(seqs))) / len(seqs)
         top = sum(topk_overlap(ours[i], ref[i]) for i in range(len(seqs))) / len(seqs)
         note = f"ref extrapolated ×{scale:.1f}" if scale != 1.0 else ""
+        note += f", memeval extrapolated ×{ours_scale:.1f}" if ours_scale != 1.0 else ""
+        name = ref_name
         note += f" ({len(seqs)} sequences)"
         rows.append(dict(method=name, ref=tr, ours=to, ratio=tr / to, spearman=rho, top1=top, note=note))
         print(f"  {name:13s} ref {tr:9.3f} s/seq   memeval {to:8.3f} s/seq   ×{tr / to:6.1f}   "
@@ -362,7 +393,7 @@ def bench_model(model, seqs, methods: list[str], classes, args, overrides: dict)
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="organism:tiny")
-    ap.add_argument("--methods", default="activations,zero_out,ig,slimming,hardconcrete")
+    ap.add_argument("--methods", default="activations,zero_out,ig,slimming,hardconcrete,hardconcrete_same_noise")
     ap.add_argument("--n-seq", type=int, default=16, help="sequences on the --model (the batch of memeval)")
     ap.add_argument("--prefix", type=int, default=32)
     ap.add_argument("--suffix", type=int, default=48)

@@ -115,6 +115,8 @@ class ZeroOut(Localizer):
         chunk_tokens: int = 8192  # ablation variants × sequence length per forward chunk
         max_logit_elems: int = 1 << 25  # variants × positions × vocab per LM-head call
         fast: bool = True  # false: always the generic full-model path (for checks)
+        layers: tuple[int, ...] = ()  # partial runs (benchmarks): only these layers (others score 0); () = all
+        max_neurons: int = 0  # partial runs (benchmarks): only the first max_neurons of each layer; 0 = all
 
     @torch.no_grad()
     def localize(self, model: NeuronModel, batch: Batch) -> torch.Tensor:
@@ -147,13 +149,15 @@ class ZeroOut(Localizer):
         else:
             clean = nll_at(trace.logits, row, keep)
         chunk = self._chunk(model, n, keep.numel())
-        scores = torch.empty(L, I, device=dev)
-        for l in range(L):
+        scores = torch.zeros(L, I, device=dev)
+        todo = [l % L for l in self.config.layers] if self.config.layers else range(L)
+        width = min(I, self.config.max_neurons) if self.config.max_neurons > 0 else I
+        for l in todo:
             h = trace.acts[l][0]  # [n, I]
             v = model.down_proj(l).T  # [I, d]
             rank1 = fast and self._rank1_ok(model, trace, l, h, v)
-            for start in range(0, I, chunk):
-                idx = torch.arange(start, min(start + chunk, I), device=dev)
+            for start in range(0, width, chunk):
+                idx = torch.arange(start, min(start + chunk, width), device=dev)
                 if rank1:
                     x = trace.outs[l] - h[:, idx].T[:, :, None] * v[idx][:, None, :]
                     logits = trace.run_from(l + 1, x, keep, norm)
