@@ -233,3 +233,107 @@ def dedup_lowest_distance(
     the lower index), in increasing order."""
     keep = [min(comp, key=lambda i: (distances[i], i)) for comp in jaccard_components(sequences, n, threshold)]
     return sorted(keep)
+
+
+# ---------------------------------------------------------------------------------------------
+# Editing: forgetting and collateral damage (the specificity protocol, DESIGN §6)
+#
+# Sources: greedy exact match and the loose (Levenshtein ≥ 0.75) match of Merullo et al. 2025
+# (goodfire-ai/memorization_kfac, ``strict_acc`` / ``loose_acc``) and Sakarvadia et al. 2025 (% memorized);
+# nDCG@10 drift against the unedited model from Merullo et al. 2025; the trade-off AUC is memeval's.
+
+LOOSE_MATCH_THRESHOLD = 0.75
+NDCG_K = 10
+
+
+def suffix_exact_match(correct: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Whether every suffix token is the greedy prediction, ``[B]`` bool.
+
+    ``correct`` is :func:`token_correct` of one teacher-forced pass. When all suffix tokens are the argmax
+    given the true prefix, greedy decoding from the prefix reproduces the suffix exactly, so this equals
+    exact match of the greedy continuation (Carlini et al. 2021's extractability; Merullo et al.'s
+    ``strict_acc``) without generating. A row with an empty suffix is False.
+    """
+    hit = (correct | ~loss_mask).all(-1)
+    return hit & loss_mask.any(-1)
+
+
+def loose_match(continuation: str | Sequence, reference: str | Sequence,
+                threshold: float = LOOSE_MATCH_THRESHOLD) -> bool:
+    """Loose match: :func:`levenshtein_similarity` (1 − d / max length) of the greedy continuation and the
+    true suffix is ≥ ``threshold`` (0.75; Merullo et al. 2025's ``loose_acc``, there 1 − d/L over 48 tokens).
+
+    memeval compares the decoded strings (characters), so the threshold does not depend on the tokenizer.
+    The continuation is the teacher-forced argmax of each suffix position (exact when greedy decoding is
+    exact; after the first error it is the model's best guess given the true history).
+    """
+    return levenshtein_similarity(continuation, reference) >= threshold
+
+
+def ndcg_at_k(logits: torch.Tensor, reference_logits: torch.Tensor, k: int = NDCG_K,
+              mask: torch.Tensor | None = None) -> float:
+    """Mean nDCG@k of the edited model's top-k next tokens against the unedited model's top-k.
+
+    Merullo et al. 2025: at each position the reference model's top-k tokens get graded relevance
+    k, k−1, …, 1 (its rank-1 token is worth k) and every other token 0. The edited model's top-k list
+    (in its own order) earns DCG = Σ_{i=1..k} rel(token_i) / log2(i + 1); nDCG = DCG / IDCG with
+    IDCG = Σ_{i=1..k} (k + 1 − i) / log2(i + 1) (the reference's own list). 1.0 = same top-k in the
+    same order; 0.0 = disjoint. Averaged over the positions where ``mask`` ([B, T] bool) is True
+    (all positions when None). ``logits`` and ``reference_logits`` are ``[..., V]``.
+    """
+    ref_top = reference_logits.float().topk(k, dim=-1).indices  # [..., k]
+    top = logits.float().topk(k, dim=-1).indices  # [..., k]
+    relevance = torch.arange(k, 0, -1, device=logits.device, dtype=torch.float32)  # k..1
+    discount = 1.0 / torch.log2(torch.arange(2, k + 2, device=logits.device, dtype=torch.float32))
+    match = top[..., :, None] == ref_top[..., None, :]  # [..., k(edited), k(ref)]
+    gains = (match.float() * relevance).sum(-1)  # relevance of each edited-list token
+    ndcg = (gains * discount).sum(-1) / (relevance * discount).sum()
+    if mask is not None:
+        ndcg = ndcg[mask]
+    return float(ndcg.mean()) if ndcg.numel() else float("nan")
+
+
+def relative_increase(after: float, before: float) -> float:
+    """after / before − 1 (e.g. held-out perplexity: 0.1 = 10% higher than the unedited model)."""
+    return after / before - 1.0
+
+
+def fraction_removed(after: float, before: float) -> float:
+    """(before − after) / before, the fraction of a rate removed by an edit (0 when ``before`` is 0)."""
+    return (before - after) / before if before > 0 else 0.0
+
+
+def forget_collateral_auc(points: Iterable[tuple[float, float]], max_collateral: float = 0.5) -> float:
+    """Area under the forget-vs-collateral frontier, normalised to [0, 1] (memeval's specificity headline).
+
+    Each point (x, y) is one budget of an editor's sweep: x = relative held-out perplexity increase
+    (:func:`relative_increase`, negative values clipped to 0), y = fraction of the forget set's exact match
+    removed (:func:`fraction_removed`, clipped to [0, 1]). The curve f is built as follows:
+
+    1. start at (0, 0) (no edit), add the points sorted by x (ties by y);
+    2. take the running maximum of y (the best forgetting reachable with at most x collateral: the Pareto
+       frontier, so a wasteful large budget never lowers the score);
+    3. join consecutive points linearly (trapezoids); past the last point f stays at its final y;
+    4. integrate f over x ∈ [0, max_collateral] (a point beyond is linearly interpolated at the bound) and
+       divide by ``max_collateral``.
+
+    1.0 = the whole forget set forgotten at no perplexity cost; 0.0 = nothing forgotten before perplexity
+    rose by ``max_collateral`` (default 0.5, i.e. +50%). Example: points (0.1, 0.5), (0.3, 1.0) with bound 1:
+    0.1·0.25 + 0.2·0.75 + 0.7·1 = 0.875.
+    """
+    pts = sorted((max(0.0, float(x)), min(1.0, max(0.0, float(y)))) for x, y in points)
+    curve = [(0.0, 0.0)]
+    for x, y in pts:
+        curve.append((x, max(y, curve[-1][1])))
+    area = 0.0
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+        if x0 >= max_collateral:
+            break
+        if x1 > max_collateral:
+            y1 = y0 + (y1 - y0) * (max_collateral - x0) / (x1 - x0)
+            x1 = max_collateral
+        area += (x1 - x0) * (y0 + y1) / 2
+    last_x, last_y = curve[-1]
+    if last_x < max_collateral:
+        area += (max_collateral - last_x) * last_y
+    return area / max_collateral
