@@ -64,9 +64,19 @@ def accepts_logits_to_keep(model: NeuronModel) -> bool:
         return False
 
 
+def causal_only(batch: Batch) -> torch.Tensor | None:
+    """The attention mask a forward of ``batch`` needs: None for right padding.
+
+    In a causal LM a real position never attends to the padding after it, and position ids count from 0 either
+    way, so right-padded rows' real positions compute exactly as alone. Passing no mask lets the attention use
+    its causal fast path (the same kernel as a batch-1 call) instead of a materialised padding mask.
+    """
+    return None
+
+
 def kept_logits(model: NeuronModel, batch: Batch, keep: torch.Tensor) -> torch.Tensor:
     """Logits ``[B, K, V]`` at positions ``keep`` only (computing the head elsewhere is skipped if possible)."""
-    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    kwargs = dict(input_ids=batch.input_ids, attention_mask=causal_only(batch), use_cache=False)
     if accepts_logits_to_keep(model):
         logits = model.hf(**kwargs, logits_to_keep=keep).logits
         if logits.shape[1] == keep.numel():

@@ -14,7 +14,7 @@ import torch
 from memeval import hookimpl
 from memeval.api import Batch, Localizer
 from memeval.models import NeuronModel
-from memeval_methods._common import accepts_logits_to_keep
+from memeval_methods._common import accepts_logits_to_keep, causal_only
 
 
 class Activations(Localizer):
@@ -31,7 +31,7 @@ class Activations(Localizer):
         pred = torch.zeros_like(batch.loss_mask)
         pred[:, :-1] = batch.loss_mask[:, 1:]  # position p predicts token p + 1
         w = pred.float()[:, :, None]  # [B, T, 1]
-        kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        kwargs = dict(input_ids=batch.input_ids, attention_mask=causal_only(batch), use_cache=False)
         if accepts_logits_to_keep(model):
             kwargs["logits_to_keep"] = 1
         out = []
