@@ -299,7 +299,8 @@ def print_summary(summary: dict[str, Any]) -> None:
 
     table = Table(title="memeval summary", show_lines=False)
     for col in ("method", "task", "n", "errors", "primary metric", "value ± stderr", "s/item"):
-        table.add_column(col, justify="right" if col in ("n", "errors", "s/item") else "left")
+        table.add_column(col, justify="right" if col in ("n", "errors", "s/item") else "left",
+                         no_wrap=col in ("method", "primary metric", "value ± stderr"))
     for e in summary["results"]:
         p = e["primary"]
         value = "—" if p["value"] is None else f"{p['value']:.4g} ± {p['stderr']:.2g}"
