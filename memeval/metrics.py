@@ -270,27 +270,22 @@ def loose_match(continuation: str | Sequence, reference: str | Sequence,
     return levenshtein_similarity(continuation, reference) >= threshold
 
 
-def ndcg_at_k(logits: torch.Tensor, reference_logits: torch.Tensor, k: int = NDCG_K,
-              mask: torch.Tensor | None = None) -> float:
-    """Mean nDCG@k of the edited model's top-k next tokens against the unedited model's top-k.
+def ndcg_at_k(ranked: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """nDCG@k of the edited model's top-k next tokens against the unedited model's top-k, per position.
 
-    Merullo et al. 2025: at each position the reference model's top-k tokens get graded relevance
-    k, k−1, …, 1 (its rank-1 token is worth k) and every other token 0. The edited model's top-k list
-    (in its own order) earns DCG = Σ_{i=1..k} rel(token_i) / log2(i + 1); nDCG = DCG / IDCG with
-    IDCG = Σ_{i=1..k} (k + 1 − i) / log2(i + 1) (the reference's own list). 1.0 = same top-k in the
-    same order; 0.0 = disjoint. Averaged over the positions where ``mask`` ([B, T] bool) is True
-    (all positions when None). ``logits`` and ``reference_logits`` are ``[..., V]``.
+    ``ranked`` and ``reference`` are ``[..., k]`` token ids, best first (``logits.topk(k).indices``).
+    Merullo et al. 2025: the reference model's top-k tokens get graded relevance k, k−1, …, 1 (its rank-1
+    token is worth k), every other token 0. The edited list earns DCG = Σ_{i=1..k} rel(token_i) / log2(i + 1);
+    nDCG = DCG / IDCG with IDCG = Σ_{i=1..k} (k + 1 − i) / log2(i + 1), the reference's own list. Returns
+    ``[...]``: 1.0 = same top-k in the same order, 0.0 = disjoint. memeval uses k = 10 (``NDCG_K``).
     """
-    ref_top = reference_logits.float().topk(k, dim=-1).indices  # [..., k]
-    top = logits.float().topk(k, dim=-1).indices  # [..., k]
-    relevance = torch.arange(k, 0, -1, device=logits.device, dtype=torch.float32)  # k..1
-    discount = 1.0 / torch.log2(torch.arange(2, k + 2, device=logits.device, dtype=torch.float32))
-    match = top[..., :, None] == ref_top[..., None, :]  # [..., k(edited), k(ref)]
+    k = reference.shape[-1]
+    relevance = torch.arange(k, 0, -1, device=reference.device, dtype=torch.float32)  # k..1
+    discount = 1.0 / torch.log2(torch.arange(2, ranked.shape[-1] + 2, device=reference.device, dtype=torch.float32))
+    match = ranked[..., :, None] == reference[..., None, :]  # [..., k(edited), k(reference)]
     gains = (match.float() * relevance).sum(-1)  # relevance of each edited-list token
-    ndcg = (gains * discount).sum(-1) / (relevance * discount).sum()
-    if mask is not None:
-        ndcg = ndcg[mask]
-    return float(ndcg.mean()) if ndcg.numel() else float("nan")
+    ideal = (relevance * discount[:k]).sum()
+    return (gains * discount).sum(-1) / ideal
 
 
 def relative_increase(after: float, before: float) -> float:

@@ -12,8 +12,9 @@ from memeval import hookimpl
 def memeval_protocols() -> list[type]:
     from memeval.protocols.deletion import DeletionProtocol
     from memeval.protocols.injection import InjectionProtocol
+    from memeval.protocols.specificity import SpecificityProtocol
 
-    return [InjectionProtocol, DeletionProtocol]
+    return [InjectionProtocol, DeletionProtocol, SpecificityProtocol]
 
 
 @hookimpl

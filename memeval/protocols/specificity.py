@@ -1,0 +1,314 @@
+"""Specificity: after an edit that removes a forget set, what else broke? (DESIGN §6, issue 6)
+
+Each item is one seeded forget set (``set_size`` memorized sequences). An editor edits the model with that
+forget set and a retain set of general text (the organism's non-planted training documents, or
+``data.retain_path``) at every budget of ``params.budgets``; a localizer goes through
+:func:`memeval.adapters.localize_then_ablate` (mean attribution over the forget set, zero the top ``budget``
+fraction of neurons of the layers not in ``skip_layers``). Budgets are in each method's own unit (fraction
+of neurons pruned, 1 − kept curvature mass, fraction of weights masked, fraction of the unlearning
+schedule); the headline is unit-free.
+
+Per budget ``b`` (metrics ``<name>@budget=<b>``):
+
+- ``forget_em_drop``: fraction of the forget set's exact match removed, (EM₀ − EM_b) / EM₀;
+  ``forget_em``, ``forget_loose``, ``forget_token_acc``: exact match of the greedy continuation (one
+  teacher-forced pass: all suffix tokens are the argmax), loose match (character Levenshtein similarity of
+  the decoded continuation and true suffix ≥ 0.75) and suffix token accuracy;
+- ``other_em``, ``other_loose``, ``other_token_acc``: the same on memorized sequences *not* in the forget set;
+- ``heldout_ppl`` = exp(token-weighted mean NLL) of held-out text and ``heldout_ppl_increase`` = ppl_b/ppl₀ − 1;
+- ``ndcg10``: nDCG@10 of the edited model's top-10 next tokens against the unedited model's, on the
+  held-out text (1 = unchanged);
+- ``fact_acc``, ``arith_acc``: exact greedy answers to the fact-recall and arithmetic probes.
+
+Headline ``forget_collateral_auc``: :func:`memeval.metrics.forget_collateral_auc` of the points
+(heldout_ppl_increase, forget_em_drop) over the budgets, ppl increase bounded at ``max_ppl_increase``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from memeval.adapters import as_editor
+from memeval.api import Batch, Editor, Method, SequenceSet, TokenSequence
+from memeval.errors import UsageError
+from memeval.metrics import (NDCG_K, forget_collateral_auc, fraction_removed, greedy_tokens, loose_match,
+                             ndcg_at_k, perplexity, relative_increase, suffix_exact_match, token_correct,
+                             token_nll)
+from memeval.models import NeuronModel
+from memeval.protocols.base import Protocol
+from memeval.protocols.sources import load_token_rows, organism_for, resolve_path, texts_to_sequences
+
+PAPER_DATA = ("put the memorized sequences (JSONL with input_ids and prefix_len, or a .pt LongTensor), held-out "
+              "and general text (.pt LongTensor [N, T] or JSONL input_ids) under $MEMEVAL_DATA/specificity "
+              "(see tasks/specificity_paper/README in the task descriptions)")
+
+
+@dataclass
+class SpecificityData:
+    source: str = "organism"  # organism | file
+    path: str | None = None  # file: memorized sequences (.pt [N, T] or JSONL input_ids/prefix_len)
+    prefix_tokens: int | None = None  # file: prefix length when the rows do not give one
+    ppl_path: str | None = None  # file: held-out text (tokens) for perplexity and nDCG@10
+    retain_path: str | None = None  # file: general text (tokens) handed to editors as the retain set
+    facts_path: str | None = None  # file: optional JSONL {prompt, answer} fact-recall probes
+    arithmetic_path: str | None = None  # file: optional JSONL {prompt, answer} arithmetic probes
+    others: int = 64  # memorized-but-not-forgotten sequences re-measured per item
+    ppl_sequences: int = 64
+    ppl_tokens: int = 128
+    retain_sequences: int = 128
+    retain_tokens: int = 128
+    probes: int = 200  # fact and arithmetic probes each (0: skip)
+
+    def __post_init__(self) -> None:
+        if self.source not in ("organism", "file"):
+            raise ValueError(f"source must be organism or file, got {self.source!r}")
+
+
+@dataclass
+class SpecificityParams:
+    budgets: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3])
+    set_size: int = 16
+    sets: int = 3
+    skip_layers: list[int] = field(default_factory=lambda: [0])  # localizers (localize_then_ablate)
+    max_ppl_increase: float = 0.5  # bound of the AUC's x axis (+50% perplexity)
+    loose_threshold: float = 0.75
+
+    def __post_init__(self) -> None:
+        if not self.budgets or any(not 0 < b <= 1 for b in self.budgets):
+            raise ValueError(f"budgets must be in (0, 1], got {self.budgets}")
+        if self.set_size < 1 or self.sets < 1:
+            raise ValueError("set_size and sets must be positive")
+        if self.max_ppl_increase <= 0:
+            raise ValueError("max_ppl_increase must be positive")
+
+
+@dataclass
+class SeqScores:
+    em: list[bool]
+    loose: list[bool]
+    token_acc: list[float]
+
+
+PER_BUDGET = {  # name -> higher is better (the forget metric first: the leaderboard's x axis)
+    "forget_em_drop": True, "heldout_ppl_increase": False, "forget_em": False, "forget_loose": False,
+    "forget_token_acc": False, "other_em": True, "other_loose": True, "other_token_acc": True,
+    "heldout_ppl": False, "ndcg10": True, "fact_acc": True, "arith_acc": True,
+}
+
+
+def budget_key(name: str, budget: float) -> str:
+    return f"{name}@budget={budget:g}"
+
+
+@torch.no_grad()
+def score_sequences(model: NeuronModel, seqs: list[TokenSequence], threshold: float = 0.75,
+                    batch_size: int = 64) -> SeqScores:
+    """Exact match, loose match and suffix token accuracy of each sequence (one teacher-forced pass)."""
+    em, loose, acc = [], [], []
+    tok = model.tokenizer
+    for start in range(0, len(seqs), batch_size):
+        chunk = seqs[start : start + batch_size]
+        batch = Batch.from_sequences(chunk, model.pad_id, model.device)
+        logits = model.logits(batch)
+        correct = token_correct(logits, batch.input_ids)
+        em.extend(suffix_exact_match(correct, batch.loss_mask).tolist())
+        acc.extend(((correct & batch.loss_mask).sum(-1) / batch.loss_mask.sum(-1).clamp(min=1)).tolist())
+        greedy = greedy_tokens(logits, batch.input_ids).tolist()
+        for row, s in enumerate(chunk):
+            n, p = len(s.input_ids), s.prefix_len
+            loose.append(loose_match(tok.decode(greedy[row][p:n]), tok.decode(list(s.input_ids[p:n])), threshold))
+    return SeqScores(em, loose, acc)
+
+
+@torch.no_grad()
+def heldout_pass(model: NeuronModel, seqs: list[TokenSequence], reference: list[torch.Tensor] | None = None,
+                 batch_size: int = 32) -> tuple[float, list[torch.Tensor], float]:
+    """Mean token NLL over the held-out text, the top-10 next tokens of every scored position (one tensor
+    per batch, on CPU) and, given the reference top-10s, the mean nDCG@10 over those positions."""
+    total, count, tops, ndcg_sum = 0.0, 0, [], 0.0
+    for i, start in enumerate(range(0, len(seqs), batch_size)):
+        batch = Batch.from_sequences(seqs[start : start + batch_size], model.pad_id, model.device)
+        logits = model.logits(batch)
+        nll = token_nll(logits, batch.input_ids)
+        total += float((nll * batch.loss_mask).sum())
+        count += int(batch.loss_mask.sum())
+        pred = torch.zeros_like(batch.loss_mask)
+        pred[:, :-1] = batch.loss_mask[:, 1:]  # positions predicting a scored token
+        top = logits[pred].float().topk(NDCG_K, dim=-1).indices.cpu()
+        tops.append(top)
+        if reference is not None:
+            ndcg_sum += float(ndcg_at_k(top, reference[i]).sum())
+    positions = sum(t.shape[0] for t in tops)
+    return total / count, tops, (ndcg_sum / positions if reference is not None else float("nan"))
+
+
+def probe_sequences(pairs: list[tuple[str, str]], tokenizer, tag: str) -> list[TokenSequence]:
+    """(prompt, answer) probes as sequences whose suffix is the answer (as the organism measures them)."""
+    out = []
+    for i, (prompt, answer) in enumerate(pairs):
+        p = tokenizer(prompt)["input_ids"]
+        full = tokenizer(prompt + answer)["input_ids"]
+        k = len(p) if full[: len(p)] == p else next(j for j, (a, b) in enumerate(zip(p, full)) if a != b)
+        if 0 < k < len(full):
+            out.append(TokenSequence(f"{tag}{i}", tuple(full), k))
+    return out
+
+
+def _mean(xs) -> float:
+    xs = [float(x) for x in xs]
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+class SpecificityProtocol(Protocol):
+    name = "specificity"
+    summary = "Edit a model to forget a set of memorized sequences over a budget sweep; measure what else breaks"
+    accepts = ("editor", "localizer")
+    Data = SpecificityData
+    Params = SpecificityParams
+
+    @classmethod
+    def check_task(cls, task) -> None:
+        d = task.data
+        if d.source == "file":
+            resolve_path(d.path, "the memorized sequences", PAPER_DATA)
+            resolve_path(d.ppl_path, "the held-out text", PAPER_DATA)
+            resolve_path(d.retain_path, "the retain (general) text", PAPER_DATA)
+            for p, what in ((d.facts_path, "the fact probes"), (d.arithmetic_path, "the arithmetic probes")):
+                if p:
+                    resolve_path(p, what, PAPER_DATA)
+
+    # -- data ---------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        memorized, heldout, retain, facts, arith = self._load()
+        if len(memorized) < self.params.set_size + 1:
+            raise UsageError(f"{self.task.path}: {len(memorized)} memorized sequences; specificity needs more "
+                             f"than set_size = {self.params.set_size}")
+        self.memorized = {s.id: s for s in memorized}
+        ids = list(self.memorized)
+        self.sets = {}
+        for j in range(self.params.sets):
+            rng = random.Random(f"specificity-{self.seed}-{j}")
+            members = sorted(rng.sample(ids, self.params.set_size))
+            rest = [i for i in ids if i not in set(members)]
+            rng.shuffle(rest)
+            self.sets[f"set{j}"] = (members, sorted(rest[: self.data.others] if self.data.others else rest))
+        self.heldout, self.retain = heldout, SequenceSet(retain, self.model.pad_id)
+        self.facts, self.arith = facts, arith
+        self.before = self._measure_base()
+
+    def _load(self):
+        tok = self.model.tokenizer
+        d = self.data
+        if d.source == "organism":
+            org = organism_for(self.task.model)
+            memorized = [TokenSequence(m["id"], tuple(m["input_ids"]), int(m["prefix_len"])) for m in org.memorized]
+            heldout = texts_to_sequences(org.heldout[: d.ppl_sequences], tok, d.ppl_tokens, 0, "heldout")
+            docs = [x["text"] for x in org.train_documents() if not x.get("planted_id")]
+            random.Random(f"retain-{self.seed}").shuffle(docs)
+            retain = texts_to_sequences(docs[: d.retain_sequences], tok, d.retain_tokens, 0, "retain")
+            facts = probe_sequences(org.facts[: d.probes], tok, "fact") if d.probes else []
+            arith = probe_sequences(org.arithmetic[: d.probes], tok, "arith") if d.probes else []
+            return memorized, heldout, retain, facts, arith
+        memorized = load_token_rows(resolve_path(d.path, "the memorized sequences", PAPER_DATA), d.prefix_tokens or 32)
+
+        def text(path, what, n):
+            rows = load_token_rows(resolve_path(path, what, PAPER_DATA), 0)[:n]
+            return [TokenSequence(s.id, s.input_ids[: d.ppl_tokens if what == "the held-out text" else d.retain_tokens], 0)
+                    for s in rows]
+
+        heldout = text(d.ppl_path, "the held-out text", d.ppl_sequences)
+        retain = text(d.retain_path, "the retain (general) text", d.retain_sequences)
+
+        def probes(path, what, tag):
+            if not path or not d.probes:
+                return []
+            rows = [json.loads(l) for l in resolve_path(path, what, PAPER_DATA).read_text().splitlines() if l.strip()]
+            return probe_sequences([(r["prompt"], r["answer"]) for r in rows[: d.probes]], tok, tag)
+
+        return (memorized, heldout, retain, probes(d.facts_path, "the fact probes", "fact"),
+                probes(d.arithmetic_path, "the arithmetic probes", "arith"))
+
+    def _measure_base(self) -> dict[str, Any]:
+        seqs = list(self.memorized.values())
+        s = score_sequences(self.model, seqs, self.params.loose_threshold)
+        per = {q.id: (e, l, a) for q, e, l, a in zip(seqs, s.em, s.loose, s.token_acc)}
+        nll, tops, _ = heldout_pass(self.model, self.heldout)
+        return {"per": per, "nll": nll, "ppl": perplexity(nll), "tops": tops,
+                "fact": _mean(score_sequences(self.model, self.facts).em) if self.facts else float("nan"),
+                "arith": _mean(score_sequences(self.model, self.arith).em) if self.arith else float("nan")}
+
+    # -- the task's shape ---------------------------------------------------------------------
+    def items(self) -> list[str]:
+        return list(self.sets)
+
+    def metrics(self) -> dict[str, bool]:
+        out = {"forget_collateral_auc": True, "forget_em_before": True, "other_em_before": True,
+               "heldout_ppl_before": False}
+        if self.facts or not hasattr(self, "facts"):
+            out["fact_acc_before"] = True
+        if self.arith or not hasattr(self, "arith"):
+            out["arith_acc_before"] = True
+        for b in self.params.budgets:
+            for name, higher in PER_BUDGET.items():
+                out[budget_key(name, b)] = higher
+        return out
+
+    def primary_metric(self) -> str:
+        return "forget_collateral_auc"
+
+    # -- scoring ------------------------------------------------------------------------------
+    def measure(self, model: NeuronModel, members: list[str], others: list[str]) -> dict[str, float]:
+        """Every per-budget metric (without the suffix) of ``model`` on one item."""
+        th = self.params.loose_threshold
+        f = score_sequences(model, [self.memorized[i] for i in members], th)
+        o = score_sequences(model, [self.memorized[i] for i in others], th)
+        nll, _, ndcg = heldout_pass(model, self.heldout, self.before["tops"])
+        ppl = perplexity(nll)
+        em0 = _mean(self.before["per"][i][0] for i in members)
+        out = {
+            "forget_em_drop": fraction_removed(_mean(f.em), em0),
+            "heldout_ppl_increase": relative_increase(ppl, self.before["ppl"]),
+            "forget_em": _mean(f.em), "forget_loose": _mean(f.loose), "forget_token_acc": _mean(f.token_acc),
+            "other_em": _mean(o.em), "other_loose": _mean(o.loose), "other_token_acc": _mean(o.token_acc),
+            "heldout_ppl": ppl, "ndcg10": ndcg,
+        }
+        if self.facts:
+            out["fact_acc"] = _mean(score_sequences(model, self.facts).em)
+        if self.arith:
+            out["arith_acc"] = _mean(score_sequences(model, self.arith).em)
+        return out
+
+    def evaluate(self, method: Method, item_ids: list[str]) -> list[dict[str, float]]:
+        editor = as_editor(method, self.params.skip_layers)
+        return [self._evaluate_item(editor, i) for i in item_ids]
+
+    def _evaluate_item(self, editor: Editor, item: str) -> dict[str, float]:
+        members, others = self.sets[item]
+        forget = SequenceSet([self.memorized[i] for i in members], self.model.pad_id)
+        base = self.before
+        metrics: dict[str, float] = {
+            "forget_em_before": _mean(base["per"][i][0] for i in members),
+            "other_em_before": _mean(base["per"][i][0] for i in others),
+            "heldout_ppl_before": base["ppl"],
+        }
+        if self.facts:
+            metrics["fact_acc_before"] = base["fact"]
+        if self.arith:
+            metrics["arith_acc_before"] = base["arith"]
+        points = []
+        for b in self.params.budgets:
+            edited = editor.edit(self.model, forget, self.retain, b)
+            if edited is self.model:
+                raise RuntimeError(f"{editor.name}: edit returned the model it was given (it must return a new one)")
+            m = self.measure(edited, members, others)
+            del edited
+            points.append((m["heldout_ppl_increase"], m["forget_em_drop"]))
+            metrics.update({budget_key(k, b): v for k, v in m.items()})
+        metrics["forget_collateral_auc"] = forget_collateral_auc(points, self.params.max_ppl_increase)
+        return metrics

@@ -1,0 +1,154 @@
+"""Helpers shared by the editors (selective pruning, K-FAC, BalancedSubnet, gradient ascent, NPO).
+
+- the MLP matrices of a block (up/gate projections found by shape, the down-projection from NeuronModel),
+  read and written as ``[out, in]`` whatever the module type (GPT-2's Conv1D stores ``[in, out]``);
+- the general text an editor needs for statistics: the ``retain`` set, or, when a protocol gives none
+  (DEL), text sampled from the model itself;
+- the causal-LM losses on a :class:`~memeval.api.Batch` with gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memeval.api import Batch, SequenceSet, TokenSequence
+from memeval.errors import UsageError
+from memeval.models import NeuronModel, _conv1d_or_linear_dims
+
+
+# ---------------------------------------------------------------------------------------------
+# MLP matrices
+
+
+def mlp_matrices(model: NeuronModel, layer: int) -> dict[str, nn.Module]:
+    """The MLP projections of ``layer``: ``down`` and every ``up``-like map hidden → num_neurons
+    (``up``, ``gate`` for gated MLPs; named by the module's attribute name)."""
+    block = model.blocks[layer]
+    down = model.down_projs[layer]
+    out: dict[str, nn.Module] = {}
+    parent = None
+    for name, module in block.named_modules():
+        if module is down:
+            parent = name.rpartition(".")[0]
+    for name, module in block.named_modules():
+        dims = _conv1d_or_linear_dims(module)
+        if module is down or dims is None:
+            continue
+        if dims == (model.hidden_size, model.num_neurons) and name.rpartition(".")[0] == parent:
+            short = name.rpartition(".")[2]
+            out["gate" if "gate" in short else "up" if "up" not in out else short] = module
+    out["down"] = down
+    return out
+
+
+def get_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as ``[out, in]`` (a view)."""
+    return module.weight if isinstance(module, nn.Linear) else module.weight.T
+
+
+def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    with torch.no_grad():
+        module.weight.copy_(weight if isinstance(module, nn.Linear) else weight.T)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def require_forget(forget: SequenceSet | None, name: str) -> SequenceSet:
+    if forget is None or len(forget) == 0:
+        raise UsageError(f"{name} needs a forget set (the protocol gave none)")
+    return forget
+
+
+@torch.no_grad()
+def sample_text(model: NeuronModel, n: int, length: int, seed: int) -> SequenceSet:
+    """``n`` sequences of ``length`` tokens sampled (temperature 1) from the model, each starting at its
+    end-of-text token: general text when no retain set is given."""
+    start = model.tokenizer.bos_token_id if model.tokenizer.bos_token_id is not None else model.pad_id
+    ids = torch.full((n, 1), int(start), dtype=torch.long, device=model.device)
+    devices = [model.device] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        out = model.hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=length - 1,
+                                min_new_tokens=length - 1, top_k=0, top_p=1.0, temperature=1.0,
+                                pad_token_id=model.pad_id)
+    return SequenceSet([TokenSequence(f"sampled{i}", tuple(r), 0) for i, r in enumerate(out.tolist())], model.pad_id)
+
+
+def general_text(model: NeuronModel, retain: SequenceSet | None, n: int = 32, length: int = 64,
+                 seed: int = 0) -> SequenceSet:
+    """The retain set if given, else :func:`sample_text`; every token of it is a target (prefix 0)."""
+    if retain is not None and len(retain):
+        return SequenceSet([TokenSequence(s.id, s.input_ids, 0) for s in retain.sequences], retain.pad_id)
+    return sample_text(model, n, length, seed)
+
+
+def set_digest(seqs: SequenceSet) -> str:
+    blob = json.dumps([[s.input_ids, s.prefix_len] for s in seqs.sequences]).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def cycle_batches(seqs: SequenceSet, size: int, device, seed: int) -> Iterator[Batch]:
+    """Endless seeded shuffled batches of a set."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(seqs), generator=gen).tolist()
+        for start in range(0, len(order), size):
+            chunk = [seqs.sequences[i] for i in order[start : start + size]]
+            yield Batch.from_sequences(chunk, seqs.pad_id, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses (with gradients)
+
+
+def token_logprobs(model: NeuronModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of each target token ``[B, T-1]`` and the target mask ``[B, T-1]``."""
+    logits = model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    logp = F.log_softmax(logits[:, :-1].float(), -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    return logp, batch.loss_mask[:, 1:]
+
+
+def mean_nll(model: NeuronModel, batch: Batch) -> torch.Tensor:
+    """Mean over rows of each row's mean next-token NLL over its loss mask (a scalar; 0 for no rows)."""
+    if len(batch) == 0:
+        return torch.zeros((), device=model.device)
+    logp, mask = token_logprobs(model, batch)
+    per_row = -(logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return per_row.mean()
+
+
+def sequence_logprob(model: NeuronModel, batch: Batch) -> torch.Tensor:
+    """Sum of log-probabilities of each row's suffix tokens, ``[B]``."""
+    logp, mask = token_logprobs(model, batch)
+    return (logp * mask).sum(-1)
+
+
+@contextlib.contextmanager
+def trainable(params: list[nn.Parameter]) -> Iterator[None]:
+    """Temporarily enable gradients for ``params`` (of a cloned model) and switch to train-free eval mode."""
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+
+
+def zero_columns(model: NeuronModel, masks: dict[int, torch.Tensor]) -> None:
+    """Zero the down-projection columns (neurons) ``masks[l]`` ([I] bool) of ``model`` in place."""
+    for layer, mask in masks.items():
+        if bool(mask.any()):
+            w = model.down_proj(layer).detach().clone()
+            w[:, mask.to(w.device)] = 0
+            model.set_down_proj(layer, w)
