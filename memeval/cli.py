@@ -42,6 +42,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--include-path", type=Path, action="append", default=[], help="extra folder of task YAMLs")
     p.add_argument("--method-config", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="override a method hyperparameter (repeatable)")
+    p.add_argument("--split", choices=["test", "dev"], default="test",
+                   help="dev: score the items held out for tuning hyperparameters (never ranked)")
     p.add_argument("--shard", default=None, help=argparse.SUPPRESS)
 
 
@@ -101,7 +103,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
 
     opts = RunOptions(methods=args.methods, tasks=args.tasks, output=args.output, limit=args.limit,
                       device=args.device, dtype=args.dtype, seed=args.seed, batch_size=args.batch_size,
-                      include_paths=args.include_path, method_config=args.method_config,
+                      include_paths=args.include_path, method_config=args.method_config, split=args.split,
                       shard=_parse_shard(args.shard), argv=argv)
     return Runner(opts).run()
 

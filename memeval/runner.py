@@ -50,6 +50,7 @@ class RunOptions:
     batch_size: int = 8
     include_paths: list[Path] = field(default_factory=list)
     method_config: list[str] = field(default_factory=list)
+    split: str = "test"  # test | dev (dev items are for tuning hyperparameters, never ranked)
     shard: tuple[int, int] | None = None  # (index, count) for a worker process
     argv: list[str] = field(default_factory=list)
 
@@ -221,7 +222,10 @@ class Runner:
                 continue
             protocol, model, directions, primary = self._prepare(task)
             for pair in pairs:
-                pair.items = protocol.items()[: self.opts.limit] if self.opts.limit else protocol.items()
+                items = protocol.dev_items() if self.opts.split == "dev" else protocol.items()
+                if not items:
+                    raise UsageError(f"{task.path}: task '{task.name}' has no {self.opts.split} items")
+                pair.items = items[: self.opts.limit] if self.opts.limit else items
                 self._run_pair(pair, protocol, model)
                 summary_entries.append(self._summarize(pair, primary, directions))
                 info = self.registry.methods[pair.method_cls.name]

@@ -48,9 +48,9 @@ class Plugin:
         return [WeightDiff, FixedNeurons]
 
 
-def run(tasks: Path, out: Path, methods: str, task: str) -> dict:
+def run(tasks: Path, out: Path, methods: str, task: str, *extra: str) -> dict:
     code = main(["--methods", methods, "--tasks", task, "--include-path", str(tasks), "--output", str(out),
-                 "--device", "cpu"])
+                 "--device", "cpu", *extra])
     assert code == 0
     return json.loads((out / "summary.json").read_text())
 
@@ -130,6 +130,11 @@ def test_deletion_metrics_equal_a_hand_computed_ablation(env):
             after_small = acc(seq)
         assert metrics["d_self_acc@0.05"] == pytest.approx(after_small - before)
         assert metrics["self_acc_before"] == pytest.approx(before)
+    # The dev split holds the one remaining sequence, scored apart and never ranked.
+    summary = run(tasks, tmp / "dev", "fixed", "del_tiny", "--split", "dev")
+    dev_items = {r["item"] for r in records(tmp / "dev")}
+    assert len(dev_items) == 1 and not dev_items & set(recs)
+    assert summary["meta"]["split"] == "dev" and summary["meta"]["limited"] is True
 
 
 @pytest.mark.parametrize("group", ["del_paper", "inj_paper"])

@@ -54,6 +54,10 @@ class Protocol:
         """Item ids in a fixed order; ``--limit N`` takes the first N."""
         raise NotImplementedError
 
+    def dev_items(self) -> list[str]:
+        """Item ids held out for tuning hyperparameters (``--split dev``); never part of a ranked run."""
+        return []
+
     def metrics(self) -> dict[str, bool]:
         """Every metric this task reports, mapped to whether higher is better."""
         raise NotImplementedError

@@ -92,8 +92,8 @@ class DeletionProtocol(Protocol):
         dev, test = split_dev(memorized, self.data.dev, self.seed)
         if len(test) < 2:
             raise UsageError(f"{self.task.path}: only {len(memorized)} memorized sequences; DEL needs more than dev + 1")
-        self.dev_targets = dev
-        self.targets = {s.id: s for s in test[: self.data.targets]}
+        self.dev_ids = [s.id for s in dev]
+        self.targets = {s.id: s for s in test[: self.data.targets] + dev}
         self.negatives = test[: self.data.negatives] if self.data.negatives else test
         self.ppl_set = ppl
         self.k = {r: int(self.model.num_neurons * r) for r in self.params.ratios}
@@ -106,7 +106,7 @@ class DeletionProtocol(Protocol):
         self.before_ppl = self._ppl()
         if self.params.granularity == "set":
             rng = random.Random(self.seed + 1)
-            ids = list(self.targets)
+            ids = [i for i in self.targets if i not in self.dev_ids]
             self.sets = {f"set{j}": sorted(rng.sample(ids, min(self.params.set_size, len(ids))))
                          for j in range(self.params.sets)}
 
@@ -126,7 +126,12 @@ class DeletionProtocol(Protocol):
         return memorized, ppl
 
     def items(self) -> list[str]:
-        return list(self.sets) if self.params.granularity == "set" else list(self.targets)
+        if self.params.granularity == "set":
+            return list(self.sets)
+        return [i for i in self.targets if i not in self.dev_ids]
+
+    def dev_items(self) -> list[str]:
+        return [] if self.params.granularity == "set" else list(self.dev_ids)
 
     def metrics(self) -> dict[str, bool]:
         out = {"self_acc_before": True}

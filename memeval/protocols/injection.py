@@ -96,8 +96,9 @@ class InjectionProtocol(Protocol):
         else:
             texts = load_texts(resolve_path(self.data.path, "the injection texts", ECBD), self.data.key)
         seqs = texts_to_sequences(texts, tok, self.data.max_tokens, 1, "seq")
-        self.dev_sequences, test = split_dev(seqs, self.data.dev, self.seed)
-        self.sequences = {s.id: s for s in test[: self.data.sequences]}
+        dev, test = split_dev(seqs, self.data.dev, self.seed)
+        self.dev_ids = [s.id for s in dev]
+        self.sequences = {s.id: s for s in test[: self.data.sequences] + dev}
         if not self.sequences:
             raise UsageError(f"{self.task.path}: no injection sequences left after the dev split")
         L, I = self.model.num_layers, self.model.num_neurons
@@ -213,7 +214,10 @@ class InjectionProtocol(Protocol):
 
     # -- scoring ------------------------------------------------------------------------------
     def items(self) -> list[str]:
-        return list(self.sequences)
+        return [i for i in self.sequences if i not in self.dev_ids]
+
+    def dev_items(self) -> list[str]:
+        return list(self.dev_ids)
 
     def metrics(self) -> dict[str, bool]:
         out = {"ap": True, "auc": True, "ceiling@1x": True, "injected": True}
