@@ -246,10 +246,10 @@ class Runner:
         seed = task.seed + self.opts.seed
         protocol_cls = self.registry.protocols[task.protocol].obj
         protocol_cls.check_task(task)
-        with console.status(f"preparing {task.name} ({task.model})"):
-            model = load_model(task.model, self.device, self.dtype)
-            protocol = protocol_cls(task, model, seed)
-            protocol.prepare()
+        console.print(f"[bold]{task.name}[/bold]: preparing {task.protocol} on {task.model}")
+        model = load_model(task.model, self.device, self.dtype)
+        protocol = protocol_cls(task, model, seed)
+        protocol.prepare()
         directions = {**protocol.metrics(), **task.higher_is_better}
         primary = task.primary or protocol.primary_metric()
         if primary not in directions:
