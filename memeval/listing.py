@@ -35,6 +35,6 @@ def list_methods(as_json: bool, include_paths: list[Path] | None = None) -> int:
 def list_tasks(as_json: bool, include_paths: list[Path] | None = None) -> int:
     index = load_tasks(include_paths or [])
     rows = [{"name": t.name, "protocol": t.protocol, "model": t.model, "tags": t.tags, "version": t.version,
-             "summary": t.description if len(t.description) <= 100 else t.description[:99] + "…", "file": str(t.path)}
+             "description": t.description, "file": str(t.path)}
             for t in sorted(index.tasks.values(), key=lambda t: t.name)]
-    return _emit(rows, ["name", "protocol", "tags", "model", "summary"], "tasks", as_json)
+    return _emit(rows, ["name", "protocol", "tags", "model", "version"], "tasks", as_json)
