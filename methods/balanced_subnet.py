@@ -22,6 +22,7 @@ from torch.nn.utils import parametrize
 
 from memeval import hookimpl
 from memeval.api import Editor, SequenceSet
+from memeval.errors import UsageError
 from memeval.models import NeuronModel
 from memeval_methods._editing import (cycle_batches, general_text, mean_nll, mlp_matrices, require_forget,
                                       trainable)
@@ -58,6 +59,7 @@ class BalancedSubnet(Editor):
     class Config(Editor.Config):
         loss_weighting: float = 0.9  # w; the paper sweeps {0.5, 0.7, 0.9} (code default 0.05)
         epochs: int = 20
+        optimizer: str = "sgd"  # sgd (the paper) | adam
         lr: float = 0.1
         momentum: float = 0.9
         weight_decay: float = 5e-4
@@ -86,7 +88,12 @@ class BalancedSubnet(Editor):
             parametrize.register_parametrization(m, "weight", mask, unsafe=True)
             masks.append(mask)
         params = [mk.scores for mk in masks]
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "adam":
+            opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        elif cfg.optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        else:
+            raise UsageError(f"balanced_subnet: optimizer must be sgd or adam, got {cfg.optimizer!r}")
         steps = cfg.steps_per_epoch or max(1, math.ceil(max(len(forget), len(retain)) / cfg.batch_size))
         fb = cycle_batches(forget, cfg.batch_size, edited.device, cfg.seed)
         rb = cycle_batches(retain, cfg.batch_size, edited.device, cfg.seed + 1)

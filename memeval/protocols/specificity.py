@@ -135,11 +135,13 @@ def heldout_pass(model: NeuronModel, seqs: list[TokenSequence], reference: list[
     for i, start in enumerate(range(0, len(seqs), batch_size)):
         batch = Batch.from_sequences(seqs[start : start + batch_size], model.pad_id, model.device)
         logits = model.logits(batch)
+        scored = batch.loss_mask.clone()
+        scored[:, 0] = False  # the first token has no prediction (a prefix_len-0 row marks it)
         nll = token_nll(logits, batch.input_ids)
-        total += float((nll * batch.loss_mask).sum())
-        count += int(batch.loss_mask.sum())
-        pred = torch.zeros_like(batch.loss_mask)
-        pred[:, :-1] = batch.loss_mask[:, 1:]  # positions predicting a scored token
+        total += float((nll * scored).sum())
+        count += int(scored.sum())
+        pred = torch.zeros_like(scored)
+        pred[:, :-1] = scored[:, 1:]  # positions predicting a scored token
         top = logits[pred].float().topk(NDCG_K, dim=-1).indices.cpu()
         tops.append(top)
         if reference is not None:

@@ -1,0 +1,233 @@
+"""The specificity protocol, its metrics (hand-computed) and the localize_then_ablate adapter."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from memeval import hookimpl
+from memeval.adapters import localize_then_ablate, neurons_per_layer
+from memeval.api import Batch, Editor, Localizer, SequenceSet, TokenSequence
+from memeval.cli import main
+from memeval.metrics import (forget_collateral_auc, loose_match, ndcg_at_k, suffix_exact_match, token_correct)
+from memeval.models import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics against hand-computed values
+
+
+def test_ndcg_at_k_hand_computed():
+    ref = torch.tensor([[1, 2, 3]])
+    assert float(ndcg_at_k(ref, ref)[0]) == pytest.approx(1.0)
+    assert float(ndcg_at_k(torch.tensor([[7, 8, 9]]), ref)[0]) == 0.0
+    # edited list [2, 1, 9]: gains 2, 3, 0 (reference ranks 1..3 are worth 3, 2, 1)
+    dcg = 2 / math.log2(2) + 3 / math.log2(3) + 0
+    idcg = 3 / math.log2(2) + 2 / math.log2(3) + 1 / math.log2(4)
+    assert float(ndcg_at_k(torch.tensor([[2, 1, 9]]), ref)[0]) == pytest.approx(dcg / idcg)
+    assert dcg / idcg == pytest.approx(0.81750, abs=1e-4)
+    # k = 10, the reference's top-10 reversed
+    ref10 = torch.arange(10)[None]
+    rev = ref10.flip(-1)
+    disc = [1 / math.log2(i + 2) for i in range(10)]
+    expected = sum((i + 1) * disc[i] for i in range(10)) / sum((10 - i) * disc[i] for i in range(10))
+    assert float(ndcg_at_k(rev, ref10)[0]) == pytest.approx(expected)
+
+
+def test_forget_collateral_auc_hand_computed():
+    # 0.1·0.25 + 0.2·0.75 + 0.7·1 over [0, 1]
+    assert forget_collateral_auc([(0.1, 0.5), (0.3, 1.0)], 1.0) == pytest.approx(0.875)
+    assert forget_collateral_auc([], 0.5) == 0.0
+    assert forget_collateral_auc([(0.2, 0.0), (0.6, 0.0)], 0.5) == 0.0
+    # a point beyond the bound is interpolated at it: y(0.5) = 0.5, area 0.125 over 0.5
+    assert forget_collateral_auc([(1.0, 1.0)], 0.5) == pytest.approx(0.25)
+    # the frontier is a running maximum: a later, worse point does not lower the curve
+    assert forget_collateral_auc([(0.1, 0.8), (0.2, 0.4)], 1.0) == pytest.approx(0.04 + 0.08 + 0.64)
+    # perplexity that fell counts as no collateral; drops are clipped to [0, 1]
+    assert forget_collateral_auc([(-0.1, 1.0)], 0.5) == pytest.approx(1.0)
+    assert forget_collateral_auc([(0.25, 1.7)], 0.5) == pytest.approx((0.25 * 0.5 + 0.25 * 1.0) / 0.5)
+    assert forget_collateral_auc([(0.0, -0.2)], 0.5) == 0.0
+
+
+def test_loose_match_and_exact_match_hand_computed():
+    assert loose_match("hello world", "hello wor")  # 1 − 2/11 = 0.818
+    assert loose_match("abcd", "abcx")  # exactly 0.75
+    assert not loose_match("abcd", "abxx")  # 0.5
+    assert loose_match("", "")
+    correct = torch.tensor([[False, True, True, False], [False, True, False, True], [False, False, False, False]])
+    mask = torch.tensor([[False, True, True, False], [False, True, True, True], [False, False, False, False]])
+    assert suffix_exact_match(correct, mask).tolist() == [True, False, False]
+
+
+# ---------------------------------------------------------------------------------------------
+# The adapter
+
+
+class FixedNeurons(Localizer):
+    """Scores neurons 0..9 of every layer highest, in decreasing order."""
+
+    name = "fixed_spec"
+    summary = "test localizer"
+    calls = 0
+
+    def localize(self, model, batch):
+        FixedNeurons.calls += 1
+        scores = torch.zeros(len(batch), model.num_layers, model.num_neurons, device=model.device)
+        scores[:, :, :10] = torch.arange(10, 0, -1, device=model.device, dtype=torch.float32)
+        return scores
+
+
+def test_localize_then_ablate_zeroes_the_top_columns_of_a_copy(tiny_model_dir):
+    model = load_model(str(tiny_model_dir("llama")), "cpu")
+    fp = model.fingerprint()
+    seqs = [TokenSequence(f"s{i}", tuple(range(1 + i, 13 + i)), 4) for i in range(3)]
+    forget = SequenceSet(seqs, model.pad_id)
+    FixedNeurons.calls = 0
+    editor = localize_then_ablate(FixedNeurons(), skip_layers=[0], batch_size=2)
+    assert neurons_per_layer(model.num_neurons, 0.05) == 4  # int(80 · 0.05)
+    edited = editor.edit(model, forget, None, 0.05)
+    assert edited is not model and model.fingerprint() == fp
+    assert torch.equal(edited.down_proj(0), model.down_proj(0))  # layer 0 skipped
+    w = edited.down_proj(1)
+    assert (w[:, :4] == 0).all() and torch.equal(w[:, 4:], model.down_proj(1)[:, 4:])
+    # the edit equals ablating those neurons at run time
+    batch = Batch.from_sequences(seqs, model.pad_id, "cpu")
+    with torch.no_grad(), model.ablate({1: torch.arange(4)}):
+        expected = model.logits(batch)
+    with torch.no_grad():
+        assert torch.allclose(edited.logits(batch), expected, atol=1e-5)
+    calls = FixedNeurons.calls
+    editor.edit(model, forget, None, 0.125)  # a second budget on the same set reuses the scores
+    assert FixedNeurons.calls == calls == 2  # two batches of the forget set, localized once
+
+
+# ---------------------------------------------------------------------------------------------
+# The protocol end to end on a tiny model with file data
+
+
+class Identity(Editor):
+    name = "identity_editor"
+    summary = "returns an unchanged copy"
+
+    def edit(self, model, forget, retain, budget):
+        return model.clone()
+
+
+class ZeroLayer(Editor):
+    """Zeroes every neuron of layer 1 whatever the budget; records what it was given."""
+
+    name = "zero_layer_editor"
+    summary = "zero layer 1"
+    seen: list = []
+
+    def edit(self, model, forget, retain, budget):
+        ZeroLayer.seen.append((len(forget), len(retain), budget))
+        edited = model.clone()
+        edited.set_down_proj(1, torch.zeros_like(edited.down_proj(1)))
+        return edited
+
+
+class Plugin:
+    @hookimpl
+    def memeval_methods(self):
+        return [Identity, ZeroLayer, FixedNeurons]
+
+
+@pytest.fixture
+def spec_env(memeval_plugin, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMEVAL_LOAD_PLUGINS", "")
+    memeval_plugin(Plugin(), "specificity-test-methods")
+    model_dir = tiny_model_dir("gpt2")
+    gen = torch.Generator().manual_seed(0)
+    mem = tmp_path / "memorized.jsonl"
+    mem.write_text("".join(json.dumps({"input_ids": torch.randint(1, 120, (14,), generator=gen).tolist(),
+                                       "prefix_len": 6}) + "\n" for _ in range(8)))
+    torch.save(torch.randint(1, 120, (6, 20), generator=gen), tmp_path / "heldout.pt")
+    torch.save(torch.randint(1, 120, (5, 20), generator=gen), tmp_path / "retain.pt")
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("".join(json.dumps({"prompt": f"alpha {w}", "answer": " river stone"}) + "\n"
+                             for w in ("beta", "gamma", "delta")))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "spec.yaml").write_text(
+        f"task: spec_tiny\nversion: 1\nprotocol: specificity\nmodel: {model_dir}\n"
+        f"data: {{source: file, path: {mem}, ppl_path: {tmp_path / 'heldout.pt'}, retain_path: {tmp_path / 'retain.pt'}, "
+        f"facts_path: {facts}, others: 3, ppl_sequences: 6, retain_sequences: 5}}\n"
+        "params: {budgets: [0.05, 0.125], set_size: 3, sets: 2}\n")
+    return model_dir, tmp_path
+
+
+def _run(tmp: Path, methods: str) -> dict:
+    code = main(["--methods", methods, "--tasks", "spec_tiny", "--include-path", str(tmp / "tasks"),
+                 "--output", str(tmp / "out"), "--device", "cpu"])
+    assert code == 0
+    return {(r["method"], r["item"]): r for r in map(json.loads, (tmp / "out" / "results.jsonl").read_text().splitlines())}
+
+
+def test_specificity_identity_editor_changes_nothing(spec_env):
+    _, tmp = spec_env
+    recs = _run(tmp, "identity_editor")
+    assert len(recs) == 2
+    for rec in recs.values():
+        m = rec["metrics"]
+        for b in ("0.05", "0.125"):
+            assert m[f"forget_em_drop@budget={b}"] == 0.0
+            assert m[f"heldout_ppl_increase@budget={b}"] == pytest.approx(0.0, abs=1e-9)
+            assert m[f"ndcg10@budget={b}"] == pytest.approx(1.0)
+            assert m[f"forget_em@budget={b}"] == m["forget_em_before"]
+            assert m[f"other_em@budget={b}"] == m["other_em_before"]
+            assert m[f"fact_acc@budget={b}"] == m["fact_acc_before"]
+        assert m["forget_collateral_auc"] == 0.0
+        assert "arith_acc_before" not in m  # no arithmetic probes given
+
+
+def test_specificity_metrics_equal_a_hand_computed_edit(spec_env):
+    model_dir, tmp = spec_env
+    ZeroLayer.seen = []
+    recs = _run(tmp, "zero_layer_editor,fixed_spec")
+    # the editor got the 3-sequence forget set, the 5-row retain set and each budget
+    assert ZeroLayer.seen[:2] == [(3, 5, 0.05), (3, 5, 0.125)]
+    model = load_model(str(model_dir))
+    heldout = torch.load(tmp / "heldout.pt")
+    batch = Batch(heldout, torch.ones_like(heldout), torch.ones_like(heldout, dtype=torch.bool), [])
+    batch.loss_mask[:, 0] = False
+
+    def ppl() -> float:
+        with torch.no_grad():
+            logits = model.logits(batch)
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), heldout[:, 1:].reshape(-1))
+        return math.exp(float(nll))
+
+    base = ppl()
+    with model.ablate({1: torch.arange(model.num_neurons)}):
+        zeroed = ppl()
+    mem = [json.loads(l) for l in (tmp / "memorized.jsonl").read_text().splitlines()]
+    for (method, item), rec in recs.items():
+        m = rec["metrics"]
+        assert m["heldout_ppl_before"] == pytest.approx(base, rel=1e-5)
+        if method == "zero_layer_editor":
+            assert m["heldout_ppl@budget=0.05"] == pytest.approx(zeroed, rel=1e-5)
+            assert m["heldout_ppl_increase@budget=0.05"] == pytest.approx(zeroed / base - 1, abs=1e-5)
+        else:  # fixed_spec through localize_then_ablate: neurons 0..3 (0.05) / 0..9 (0.125) of layer 1
+            with model.ablate({1: torch.arange(10)}):
+                assert m["heldout_ppl@budget=0.125"] == pytest.approx(ppl(), rel=1e-5)
+        # the AUC is the definition applied to the item's own points
+        pts = [(m[f"heldout_ppl_increase@budget={b}"], m[f"forget_em_drop@budget={b}"]) for b in ("0.05", "0.125")]
+        assert m["forget_collateral_auc"] == pytest.approx(forget_collateral_auc(pts, 0.5))
+    assert len(mem) == 8
+
+
+def test_specificity_paper_tasks_fail_clearly_without_weights_or_data(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("MEMEVAL_DATA", raising=False)
+    assert main(["validate", str(ROOT / "tasks")]) == 0
+    code = main(["--methods", "random", "--tasks", "specificity_paper", "--output", str(tmp_path), "--limit", "1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and ("cannot load it" in err or "data.path" in err)
