@@ -44,7 +44,7 @@ class _Mask(nn.Module):
         else:
             thresh = a.detach().flatten().kthvalue(k).values
             hard = (a.detach() > thresh).to(a.dtype)
-        return hard + self.scores - self.scores.detach()  # forward: hard mask; backward: identity to S
+        return hard + a - a.detach()  # forward: the hard mask; backward: straight through to |S|
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight * self.mask()
@@ -57,7 +57,7 @@ class BalancedSubnet(Editor):
 
     @dataclass
     class Config(Editor.Config):
-        loss_weighting: float = 0.9  # w; the paper sweeps {0.5, 0.7, 0.9} (code default 0.05)
+        loss_weighting: float = 0.5  # w; the paper sweeps {0.5, 0.7, 0.9} (code default 0.05)
         epochs: int = 20
         optimizer: str = "sgd"  # sgd (the paper) | adam
         lr: float = 0.1

@@ -1,0 +1,214 @@
+"""Editors on a tiny model that memorized planted sequences: each removes what it should, in direction,
+and never modifies the model it was given. K-FAC's vectorised selection equals the sorted (heap) order."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from memeval.api import Batch, SequenceSet, TokenSequence
+from memeval.metrics import suffix_exact_match, token_correct
+from memeval.models import load_model
+from memeval.testing import build_tiny_model
+
+WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "north", "seven", "quiet", "lamp"]
+
+
+@pytest.fixture(scope="module")
+def memorizer(tmp_path_factory):
+    """A tiny GPT-2 (d 48, 2 layers, 192 neurons) fine-tuned on 8 random 24-token sequences (memorized
+    exactly) mixed with random-word text (learnable only in part): about 10 s on one core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        path = build_tiny_model("gpt2", tmp_path_factory.mktemp("memorizer") / "gpt2", hidden=48, layers=2,
+                                intermediate=192)
+        model = load_model(str(path))
+        rng = random.Random(0)
+        vocab = len(model.tokenizer)
+        planted = [TokenSequence(f"m{i}", tuple(rng.randrange(1, vocab) for _ in range(24)), 8) for i in range(8)]
+
+        def text(tag: str, i: int) -> TokenSequence:
+            ids = model.tokenizer(" ".join(rng.choice(WORDS) for _ in range(12)))["input_ids"][:24]
+            return TokenSequence(f"{tag}{i}", tuple(ids), 0)
+
+        general = [text("g", i) for i in range(200)]
+        heldout = [text("h", i) for i in range(32)]
+        hf = model.hf.train()
+        for p in hf.parameters():
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(hf.parameters(), lr=5e-3)
+        torch.manual_seed(0)
+        for _ in range(200):
+            rows = [TokenSequence(s.id, s.input_ids, 0) for s in planted + rng.sample(general, 16)]
+            b = Batch.from_sequences(rows, model.pad_id, "cpu")
+            logits = hf(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+            logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, b.input_ids[:, 1:, None]).squeeze(-1)
+            m = b.loss_mask[:, 1:].float()
+            loss = -(logp * m).sum() / m.sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        hf.eval()
+        for p in hf.parameters():
+            p.requires_grad_(False)
+        assert exact(model, planted) == 1.0, "the fixture failed to memorize its planted sequences"
+        return {"model": model, "forget": planted[:4], "probe": planted[4:], "heldout": heldout,
+                "retain": SequenceSet(general[:64], model.pad_id)}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def exact(model, seqs) -> float:
+    b = Batch.from_sequences(seqs, model.pad_id, "cpu")
+    with torch.no_grad():
+        c = token_correct(model.logits(b), b.input_ids)
+    return float(suffix_exact_match(c, b.loss_mask).float().mean())
+
+
+def heldout_nll(model, seqs) -> float:
+    b = Batch.from_sequences(seqs, model.pad_id, "cpu")
+    b.loss_mask[:, 0] = False
+    with torch.no_grad():
+        return float(model.sequence_nll(b).mean())
+
+
+def run_edit(memorizer, editor, budget, with_forget=True, with_retain=True):
+    model = memorizer["model"]
+    fp = model.fingerprint()
+    forget = SequenceSet(memorizer["forget"], model.pad_id) if with_forget else None
+    edited = editor.edit(model, forget, memorizer["retain"] if with_retain else None, budget)
+    assert edited is not model and edited.hf is not model.hf
+    assert model.fingerprint() == fp, "the editor modified the model it was given"
+    assert edited.fingerprint() != fp
+    before = heldout_nll(model, memorizer["heldout"])
+    return {"forget": exact(edited, memorizer["forget"]), "probe": exact(edited, memorizer["probe"]),
+            "heldout_increase": heldout_nll(edited, memorizer["heldout"]) - before}
+
+
+# ---------------------------------------------------------------------------------------------
+# Each editor, in direction
+
+
+def test_kfac_removes_memorization_without_a_forget_set(memorizer, tmp_path, monkeypatch):
+    from memeval_methods import kfac_curvature as kc
+
+    monkeypatch.setenv("MEMEVAL_CACHE", str(tmp_path))
+    r = run_edit(memorizer, kc.KFACCurvature(), 0.02, with_forget=False)
+    # every planted sequence (none was named) loses its exact match; general text barely moves
+    assert r["forget"] == 0.0 and r["probe"] == 0.0
+    assert r["heldout_increase"] < 0.2
+    # the factors are cached on disk: a new instance does not collect them again
+    assert list((tmp_path / "kfac").glob("*/factors.pt"))
+    monkeypatch.setattr(kc, "collect_factors", lambda *a, **k: pytest.fail("factors were recollected"))
+    r2 = run_edit(memorizer, kc.KFACCurvature(), 0.02, with_forget=False)
+    assert r2 == pytest.approx(r)
+
+
+def test_kfac_without_retain_set_samples_general_text(memorizer, tmp_path, monkeypatch):
+    from memeval_methods.kfac_curvature import KFACCurvature
+
+    monkeypatch.setenv("MEMEVAL_CACHE", str(tmp_path))
+    # (DEL at set granularity gives no retain set; the edit still runs, on text sampled from the model)
+    r = run_edit(memorizer, KFACCurvature(), 0.3, with_forget=False, with_retain=False)
+    assert 0.0 <= r["forget"] <= 1.0 and abs(r["heldout_increase"]) < 10
+
+
+def test_selective_pruning_prunes_forget_specific_neurons(memorizer):
+    from memeval_methods.selective_pruning import SelectivePruning
+
+    r = run_edit(memorizer, SelectivePruning(), 0.3)
+    assert r["forget"] < 1.0
+    assert r["heldout_increase"] < 0.1
+    edited = SelectivePruning().edit(memorizer["model"], SequenceSet(memorizer["forget"], 0), memorizer["retain"], 0.1)
+    zero_cols = sum(int((edited.down_proj(l) == 0).all(0).sum()) for l in range(edited.num_layers))
+    assert zero_cols == round(0.1 * 2 * 192)  # budget = fraction of all MLP neurons, global top-k
+
+
+def test_balanced_subnet_forgets_the_set(memorizer):
+    from memeval_methods.balanced_subnet import BalancedSubnet
+
+    editor = BalancedSubnet(BalancedSubnet.Config(optimizer="adam", lr=0.05, loss_weighting=0.9))
+    r = run_edit(memorizer, editor, 0.2)
+    assert r["forget"] == 0.0
+    assert r["heldout_increase"] < 0.1
+    edited = editor.edit(memorizer["model"], SequenceSet(memorizer["forget"], 0), memorizer["retain"], 0.2)
+    w = edited.down_proj(1)
+    assert float((w == 0).float().mean()) == pytest.approx(0.2, abs=0.01)  # budget = fraction masked
+
+
+def test_balanced_subnet_guards_an_empty_retain_group(memorizer):
+    from memeval_methods.balanced_subnet import BalancedSubnet
+
+    model = memorizer["model"]
+    edited = BalancedSubnet(BalancedSubnet.Config(epochs=1, sampled_sequences=4, sampled_length=12)).edit(
+        model, SequenceSet(memorizer["forget"], model.pad_id), SequenceSet([], model.pad_id), 0.1)
+    assert all(torch.isfinite(p).all() for p in edited.hf.parameters())
+
+
+@pytest.mark.parametrize("name", ["gradient_ascent", "npo"])
+def test_unlearning_baselines_forget_the_set(memorizer, name):
+    from memeval_methods.gradient_ascent import GradientAscent
+    from memeval_methods.npo import NPO
+
+    editor = {"gradient_ascent": GradientAscent, "npo": NPO}[name]()
+    assert run_edit(memorizer, editor, 0.05)["forget"] == 1.0  # 5 steps: not yet
+    r = run_edit(memorizer, editor, 1.0)  # the full schedule: 100 steps
+    assert r["forget"] == 0.0
+    assert r["heldout_increase"] < 0.1
+
+
+def test_random_localizer_as_editor_leaves_memorization(memorizer):
+    from memeval.adapters import localize_then_ablate
+    from memeval_methods.random_localizer import RandomLocalizer
+
+    r = run_edit(memorizer, localize_then_ablate(RandomLocalizer()), 0.05)
+    assert r["forget"] == 1.0 and r["probe"] == 1.0
+
+
+def test_forget_set_editors_refuse_no_forget_set(memorizer):
+    from memeval.errors import UsageError
+    from memeval_methods.selective_pruning import SelectivePruning
+
+    with pytest.raises(UsageError, match="forget set"):
+        SelectivePruning().edit(memorizer["model"], None, memorizer["retain"], 0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# K-FAC pieces
+
+
+def test_kfac_selection_equals_the_sorted_heap_order():
+    from memeval_methods.kfac_curvature import keep_mask
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        lam = torch.rand(9, generator=gen) ** 3
+        mu = torch.rand(6, generator=gen) ** 2
+        rho = float(torch.rand(1, generator=gen))
+        prod = torch.outer(lam.double(), mu.double()).flatten()
+        ordered, _ = prod.sort(descending=True)
+        k = int((ordered.cumsum(0) < rho * prod.sum()).sum()) + 1  # the heap pops k pairs
+        expected = prod >= ordered[k - 1]
+        assert torch.equal(keep_mask(lam, mu, rho).flatten(), expected)
+    assert keep_mask(torch.ones(3), torch.ones(2), 1.0).all()
+
+
+def test_kfac_edit_keeps_everything_at_rho_one_and_projects_otherwise():
+    from memeval_methods.kfac_curvature import eigh_desc, kfac_edit_weight
+
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(5, 4, generator=gen)
+    a = torch.randn(4, 4, generator=gen)
+    g = torch.randn(5, 5, generator=gen)
+    eig_a, eig_g = eigh_desc(a @ a.T), eigh_desc(g @ g.T)
+    same, frac = kfac_edit_weight(w, eig_g, eig_a, 1.0)
+    assert frac == 1.0 and torch.allclose(same, w, atol=1e-5)
+    (lam, ug), (mu, ua) = eig_g, eig_a
+    new, frac = kfac_edit_weight(w, eig_g, eig_a, 0.5)
+    coef = ug.T @ new.double() @ ua
+    kept = torch.outer(lam, mu) >= torch.outer(lam, mu).flatten().sort(descending=True).values[int(frac * 20) - 1]
+    assert torch.allclose(coef[~kept], torch.zeros(()).double(), atol=1e-5)
+    assert torch.allclose(coef[kept], (ug.T @ w.double() @ ua)[kept], atol=1e-5)
