@@ -212,3 +212,40 @@ def test_kfac_edit_keeps_everything_at_rho_one_and_projects_otherwise():
     kept = torch.outer(lam, mu) >= torch.outer(lam, mu).flatten().sort(descending=True).values[int(frac * 20) - 1]
     assert torch.allclose(coef[~kept], torch.zeros(()).double(), atol=1e-5)
     assert torch.allclose(coef[kept], (ug.T @ w.double() @ ua)[kept], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Editors in DEL at set granularity (no retain set) and in the runner (fingerprint check)
+
+
+def test_editors_run_in_deletion_set_granularity(memeval_plugin, tiny_model_dir, tmp_path, monkeypatch):
+    import json
+
+    from memeval.cli import main
+    from memeval_methods import kfac_curvature, selective_pruning
+
+    monkeypatch.setenv("MEMEVAL_LOAD_PLUGINS", "")
+    memeval_plugin(kfac_curvature, "test-kfac")
+    memeval_plugin(selective_pruning, "test-selective-pruning")
+    model_dir = tiny_model_dir("gpt2")
+    gen = torch.Generator().manual_seed(0)
+    mem = tmp_path / "memorized.jsonl"
+    mem.write_text("".join(json.dumps({"input_ids": torch.randint(1, 120, (14,), generator=gen).tolist(),
+                                       "prefix_len": 6}) + "\n" for _ in range(6)))
+    torch.save(torch.randint(1, 120, (4, 20), generator=gen), tmp_path / "ppl.pt")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "del.yaml").write_text(
+        f"task: del_set_tiny\nversion: 1\nprotocol: deletion\nmodel: {model_dir}\n"
+        f"data: {{source: file, path: {mem}, dev: 1, targets: 5, negatives: 5, ppl_path: {tmp_path / 'ppl.pt'}, "
+        "ppl_sequences: 4}\n"
+        "params: {ratios: [0.05, 0.125], granularity: set, set_size: 2, sets: 2}\n")
+    out = tmp_path / "out"
+    code = main(["--methods", "kfac_curvature,selective_pruning", "--tasks", "del_set_tiny", "--include-path",
+                 str(tasks), "--output", str(out), "--device", "cpu",
+                 "--method-config", "kfac_curvature.sampled_sequences=4",
+                 "--method-config", "selective_pruning.sampled_sequences=4"])
+    assert code == 0
+    recs = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    assert len(recs) == 4 and all("metrics" in r for r in recs), recs  # no error, no fingerprint change
+    assert all(r["metrics"]["d_rand_ppl@0.125"] != 0 for r in recs)
