@@ -194,6 +194,7 @@ class Runner:
         self.device = resolve_device(self.devices[0])
         self.dtype = resolve_dtype(opts.dtype, self.device)
         self.store = ResultsStore(opts.output / "results.jsonl")
+        self.meta = run_metadata(opts, self.device, self.dtype)  # at the start: the code that produced the numbers
 
     def pairs_for(self, task: Task) -> list[Pair]:
         protocol_cls = self.registry.protocols[task.protocol].obj
@@ -236,7 +237,7 @@ class Runner:
                                      "higher_is_better": directions, "n_items": len(protocol.items())}
         if self.opts.shard is not None:
             return 0
-        summary = {"meta": run_metadata(self.opts, self.device, self.dtype), "methods": methods_meta,
+        summary = {"meta": self.meta, "methods": methods_meta,
                    "tasks": tasks_meta, "results": summary_entries}
         write_json_atomic(self.opts.output / "summary.json", summary)
         print_summary(summary)
