@@ -45,7 +45,8 @@ class Batch:
     """A batch of independent, right-padded sequences (what a localizer receives).
 
     ``loss_mask[b, t]`` is True when token ``t`` of row ``b`` is a suffix token: its prediction from
-    positions ``< t`` defines "memorized". Padding has ``attention_mask == 0`` and ``loss_mask == False``.
+    positions ``< t`` defines "memorized". Token 0 has no prediction and is never in the mask (a sequence
+    with ``prefix_len = 0`` is scored from token 1). Padding has ``attention_mask == 0`` and ``loss_mask == False``.
     """
 
     input_ids: torch.Tensor  # [B, T] long
@@ -63,7 +64,7 @@ class Batch:
             n = len(s.input_ids)
             ids[row, :n] = torch.tensor(s.input_ids, dtype=torch.long)
             attn[row, :n] = 1
-            loss[row, s.prefix_len : n] = True
+            loss[row, max(s.prefix_len, 1) : n] = True  # token 0 is never predicted
         return cls(ids.to(device), attn.to(device), loss.to(device), [s.id for s in seqs])
 
     def __len__(self) -> int:
