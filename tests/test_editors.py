@@ -218,15 +218,12 @@ def test_kfac_edit_keeps_everything_at_rho_one_and_projects_otherwise():
 # Editors in DEL at set granularity (no retain set) and in the runner (fingerprint check)
 
 
-def test_editors_run_in_deletion_set_granularity(memeval_plugin, tiny_model_dir, tmp_path, monkeypatch):
+def test_editors_run_in_deletion_set_granularity(tiny_model_dir, tmp_path, monkeypatch):
     import json
 
     from memeval.cli import main
-    from memeval_methods import kfac_curvature, selective_pruning
 
-    monkeypatch.setenv("MEMEVAL_LOAD_PLUGINS", "")
-    memeval_plugin(kfac_curvature, "test-kfac")
-    memeval_plugin(selective_pruning, "test-selective-pruning")
+    monkeypatch.setenv("MEMEVAL_LOAD_PLUGINS", "")  # the editors are built in: registered by memeval itself
     model_dir = tiny_model_dir("gpt2")
     gen = torch.Generator().manual_seed(0)
     mem = tmp_path / "memorized.jsonl"
