@@ -277,12 +277,12 @@ class Runner:
                                                                  self.opts.seed, progress, bar)
 
     def _summarize(self, pair: Pair, primary: str, directions: dict[str, bool]) -> dict[str, Any]:
-        wanted = set(pair.items)
+        order = {item: i for i, item in enumerate(pair.items)}
         records = [r for r in self.store.for_pair(pair.method_cls.name, pair.task.name, pair.config_hash)
-                   if r["item"] in wanted]
+                   if r["item"] in order]
         return {"method": pair.method_cls.name, "task": pair.task.name, "kind": pair.method_cls.kind,
                 "config_hash": pair.config_hash, "method_config": dataclasses.asdict(pair.config),
-                **aggregate(sorted(records, key=lambda r: pair.items.index(r["item"])), primary, directions)}
+                **aggregate(sorted(records, key=lambda r: order[r["item"]]), primary, directions)}
 
     def _run_sharded(self) -> int:
         """One worker process per device over the same results file, then the summary."""

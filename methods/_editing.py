@@ -15,11 +15,11 @@ import json
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from memeval.api import Batch, SequenceSet, TokenSequence
 from memeval.errors import UsageError
+from memeval.metrics import token_nll
 from memeval.models import NeuronModel, _conv1d_or_linear_dims
 
 
@@ -110,26 +110,23 @@ def cycle_batches(seqs: SequenceSet, size: int, device, seed: int) -> Iterator[B
 # Losses (with gradients)
 
 
-def token_logprobs(model: NeuronModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities of each target token ``[B, T-1]`` and the target mask ``[B, T-1]``."""
+def token_nlls(model: NeuronModel, batch: Batch) -> torch.Tensor:
+    """Next-token NLL of each token, aligned with ``input_ids`` (``memeval.metrics.token_nll``), ``[B, T]``."""
     logits = model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    logp = F.log_softmax(logits[:, :-1].float(), -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
-    return logp, batch.loss_mask[:, 1:]
+    return token_nll(logits, batch.input_ids)
 
 
 def mean_nll(model: NeuronModel, batch: Batch) -> torch.Tensor:
     """Mean over rows of each row's mean next-token NLL over its loss mask (a scalar; 0 for no rows)."""
     if len(batch) == 0:
         return torch.zeros((), device=model.device)
-    logp, mask = token_logprobs(model, batch)
-    per_row = -(logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-    return per_row.mean()
+    mask = batch.loss_mask.float()
+    return ((token_nlls(model, batch) * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
 
 
 def sequence_logprob(model: NeuronModel, batch: Batch) -> torch.Tensor:
     """Sum of log-probabilities of each row's suffix tokens, ``[B]``."""
-    logp, mask = token_logprobs(model, batch)
-    return (logp * mask).sum(-1)
+    return -(token_nlls(model, batch) * batch.loss_mask.float()).sum(-1)
 
 
 @contextlib.contextmanager

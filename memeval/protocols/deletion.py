@@ -152,7 +152,8 @@ class DeletionProtocol(Protocol):
         """Deltas on the members (Self), the other negatives (Neg) and the PPL text, for ``model`` as is."""
         key = f"@{ratio:g}"
         self_after = self._stats_on(model, [self.targets[i] for i in members])
-        negs = [s for s in self.negatives if s.id not in set(members)]
+        member_ids = set(members)
+        negs = [s for s in self.negatives if s.id not in member_ids]
         neg_after = self._stats_on(model, negs)
         mean = lambda xs: sum(xs) / len(xs)
         return {
