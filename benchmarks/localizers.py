@@ -335,7 +335,7 @@ def bench_model(model, seqs, methods: list[str], classes, args, overrides: dict)
     all_seqs, all_batch = seqs, batch
     for name in methods:
         seqs, batch = all_seqs, all_batch
-        if name in ("zero_out", "ig", "hardconcrete_same_noise") and args.slow_n_seq:
+        if name in ("zero_out", "ig") and args.slow_n_seq:
             seqs = all_seqs[: args.slow_n_seq]
             batch = Batch.from_sequences(seqs, model.pad_id, device)
         ref_name = name

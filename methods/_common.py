@@ -75,8 +75,13 @@ def causal_only(batch: Batch) -> torch.Tensor | None:
 
 
 def kept_logits(model: NeuronModel, batch: Batch, keep: torch.Tensor) -> torch.Tensor:
-    """Logits ``[B, K, V]`` at positions ``keep`` only (computing the head elsewhere is skipped if possible)."""
-    kwargs = dict(input_ids=batch.input_ids, attention_mask=causal_only(batch), use_cache=False)
+    """Logits ``[B, K, V]`` at positions ``keep`` only (computing the head elsewhere is skipped if possible).
+
+    The forward stops at the last kept position: in a causal LM later columns (at least the final suffix token,
+    which is only ever a target) feed no kept logit, so dropping them is exact and saves their work in every layer.
+    """
+    width = int(keep.max().item()) + 1 if keep.numel() else batch.input_ids.shape[1]
+    kwargs = dict(input_ids=batch.input_ids[:, :width], attention_mask=causal_only(batch), use_cache=False)
     if accepts_logits_to_keep(model):
         logits = model.hf(**kwargs, logits_to_keep=keep).logits
         if logits.shape[1] == keep.numel():
@@ -99,8 +104,10 @@ def nll_at(logits: torch.Tensor, batch: Batch, keep: torch.Tensor) -> torch.Tens
     """Per-row mean NLL from logits ``[N, K, V]`` at positions ``keep`` (rows of ``batch`` or broadcast)."""
     targets = batch.input_ids[:, keep + 1]
     mask = batch.loss_mask[:, keep + 1]
-    logp = F.log_softmax(logits.float(), dim=-1)
-    nll = -logp.gather(-1, targets.expand(logp.shape[0], -1)[..., None]).squeeze(-1)
+    N, K, V = logits.shape
+    # fused −log softmax(z)_y (forward and backward) without a materialised [N, K, V] log-probability tensor
+    nll = F.cross_entropy(logits.float().reshape(N * K, V), targets.expand(N, -1).reshape(N * K),
+                          reduction="none").view(N, K)
     nll = torch.where(mask, nll, torch.zeros((), device=nll.device))  # padding may hold anything
     return nll.sum(-1) / mask.float().sum(-1)
 

@@ -112,7 +112,9 @@ class ZeroOut(Localizer):
 
     @dataclass
     class Config(Localizer.Config):
-        chunk_tokens: int = 8192  # ablation variants × sequence length per forward chunk
+        # ablation variants × sequence length per forward chunk; 0 = by device: 2048 on CPU (a chunk's
+        # activations stay in cache: 20% faster than 8192 on the organism), 32768 on accelerators
+        chunk_tokens: int = 0
         max_logit_elems: int = 1 << 25  # variants × positions × vocab per LM-head call
         fast: bool = True  # false: always the generic full-model path (for checks)
         layers: tuple[int, ...] = ()  # partial runs (benchmarks): only these layers (others score 0); () = all
@@ -130,7 +132,8 @@ class ZeroOut(Localizer):
 
     def _chunk(self, model: NeuronModel, n: int, k: int) -> int:
         vocab = model.hf.get_output_embeddings().weight.shape[0]
-        return max(1, min(self.config.chunk_tokens // max(n, 1), self.config.max_logit_elems // max(k * vocab, 1)))
+        tokens = self.config.chunk_tokens or (2048 if model.device.type == "cpu" else 32768)
+        return max(1, min(tokens // max(n, 1), self.config.max_logit_elems // max(k * vocab, 1)))
 
     def _row(self, model: NeuronModel, row: Batch) -> torch.Tensor:
         keep = predicting_positions(row.loss_mask)
