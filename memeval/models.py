@@ -6,6 +6,11 @@ unchanged: what is seen is the vector that the down-projection mixes back into t
 (Chang et al. 2024 §2, Geva et al. 2022). The down-projections are found by module structure; the
 number of neurons is read off the module's weight, never assumed to be ``4 × hidden``.
 
+Attention "neurons" (for editors that prune them, e.g. Selective Pruning) are the input coordinates of each
+block's attention output projection (GPT-2 ``attn.c_proj``, GPT-NeoX ``attention.dense``, Llama/OLMo-2/
+Qwen2/Gemma ``self_attn.o_proj``, OPT ``self_attn.out_proj``): the concatenated per-head values before W_O.
+They are found on first use, so a model without a recognisable one fails only when they are asked for.
+
 Model specs:
 - ``organism:<preset>[:<arch>][@<seed>]``: a model organism trained by memeval (``memeval.organisms``);
 - ``hf:<repo>[@<revision>]``: a Hugging Face hub model (or its copy in the local HF cache);
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 from pathlib import Path
 from typing import Callable, Iterator
@@ -31,6 +37,9 @@ InterventionFn = Callable[[torch.Tensor], torch.Tensor]
 
 # Known names of the MLP down-projection inside a decoder block, tried before the structural rule.
 DOWN_PROJ_NAMES = ("mlp.c_proj", "mlp.dense_4h_to_h", "mlp.down_proj", "fc2", "mlp.fc2", "feed_forward.w2")
+# Known names of the attention output projection (W_O) inside a decoder block.
+ATTN_OUT_NAMES = ("attn.c_proj", "attention.dense", "self_attn.o_proj", "self_attn.out_proj", "attn.out_proj",
+                  "self_attention.dense", "self_attn.dense")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -79,6 +88,17 @@ def _conv1d_or_linear_dims(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The weight of a Linear or Conv1D as ``[out, in]`` (a view)."""
+    return module.weight if isinstance(module, nn.Linear) else module.weight.T
+
+
+def set_weight_out_in(module: nn.Module, weight: torch.Tensor) -> None:
+    """Overwrite the weight of a Linear or Conv1D with ``weight`` given as ``[out, in]``."""
+    with torch.no_grad():
+        module.weight.copy_(weight if isinstance(module, nn.Linear) else weight.T)
+
+
 def find_blocks(model: nn.Module, num_layers: int) -> nn.ModuleList:
     """The decoder blocks: the largest ModuleList of ``num_layers`` modules that have parameters."""
     candidates = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers]
@@ -100,6 +120,21 @@ def find_down_proj(block: nn.Module, hidden_size: int) -> nn.Module:
     if len(found) != 1:
         raise UsageError(f"{type(block).__name__}: cannot identify the MLP down-projection ({len(found)} candidates)")
     return found[0]
+
+
+def find_attn_out_proj(block: nn.Module, hidden_size: int) -> nn.Module:
+    """The attention output projection of one block: a known name, else the last layer mapping to
+    ``hidden_size`` inside a child module named like ``attn``/``attention`` (registered after Q, K, V)."""
+    named = dict(block.named_modules())
+    for name in ATTN_OUT_NAMES:
+        if name in named and _conv1d_or_linear_dims(named[name]) is not None:
+            return named[name]
+    found = [m for name, m in named.items() if "att" in name.partition(".")[0]
+             and (dims := _conv1d_or_linear_dims(m)) is not None and dims[1] == hidden_size]
+    if not found:
+        raise UsageError(f"{type(block).__name__}: cannot identify the attention output projection "
+                         f"(none of {', '.join(ATTN_OUT_NAMES)})")
+    return found[-1]
 
 
 def _remember_batch_shape(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -157,19 +192,40 @@ class NeuronModel:
 
     def down_proj(self, layer: int) -> torch.Tensor:
         """The down-projection weight of ``layer`` as ``[d_model, num_neurons]`` (column i = neuron i)."""
-        module = self.down_projs[layer]
-        return module.weight if isinstance(module, nn.Linear) else module.weight.T
+        return weight_out_in(self.down_projs[layer])
 
     def set_down_proj(self, layer: int, weight: torch.Tensor) -> None:
         """Overwrite the down-projection of ``layer`` with ``weight`` given as ``[d_model, num_neurons]``."""
-        module = self.down_projs[layer]
-        with torch.no_grad():
-            module.weight.copy_(weight if isinstance(module, nn.Linear) else weight.T)
+        set_weight_out_in(self.down_projs[layer], weight)
+
+    # -- attention neurons (found on first use) -------------------------------------------------
+    @functools.cached_property
+    def attn_out_projs(self) -> list[nn.Module]:
+        """The attention output projection (W_O) of every block; a UsageError if one cannot be found."""
+        return [find_attn_out_proj(b, self.hidden_size) for b in self.blocks]
+
+    @property
+    def attn_width(self) -> int:
+        """The number of attention neurons per layer: the input width of W_O (heads × head_dim)."""
+        widths = {_conv1d_or_linear_dims(m)[0] for m in self.attn_out_projs}
+        if len(widths) != 1:
+            raise UsageError(f"{self.spec}: attention widths differ across layers ({sorted(widths)}); not supported")
+        return widths.pop()
+
+    def attn_out_proj(self, layer: int) -> torch.Tensor:
+        """W_O of ``layer`` as ``[d_model, attn_width]`` (column j = attention neuron j)."""
+        return weight_out_in(self.attn_out_projs[layer])
+
+    def set_attn_out_proj(self, layer: int, weight: torch.Tensor) -> None:
+        """Overwrite W_O of ``layer`` with ``weight`` given as ``[d_model, attn_width]``."""
+        set_weight_out_in(self.attn_out_projs[layer], weight)
 
     # -- the one intervention primitive ---------------------------------------------------------
     @contextlib.contextmanager
-    def intervene(self, fns: dict[int, InterventionFn]) -> Iterator[None]:
-        """Within the block, layer ``l``'s down-projection receives ``fns[l](h)`` instead of ``h [B, T, I]``."""
+    def intervene(self, fns: dict[int, InterventionFn], attention: bool = False) -> Iterator[None]:
+        """Within the block, layer ``l``'s down-projection receives ``fns[l](h)`` instead of ``h [B, T, I]``;
+        with ``attention``, its attention output projection (``h [B, T, attn_width]``) instead."""
+        modules = self.attn_out_projs if attention else self.down_projs
         handles = []
 
         def make_hook(fn: InterventionFn):
@@ -184,15 +240,16 @@ class NeuronModel:
 
         try:
             for layer, fn in fns.items():
-                handles.append(self.down_projs[layer].register_forward_pre_hook(make_hook(fn)))
+                handles.append(modules[layer].register_forward_pre_hook(make_hook(fn)))
             yield
         finally:
             for h in handles:
                 h.remove()
 
     @contextlib.contextmanager
-    def capture(self, layers: list[int] | None = None) -> Iterator[dict[int, torch.Tensor]]:
-        """Record the neuron activations ``[B, T, I]`` of ``layers`` (all by default) during the block."""
+    def capture(self, layers: list[int] | None = None, attention: bool = False) -> Iterator[dict[int, torch.Tensor]]:
+        """Record the neuron activations ``[B, T, I]`` of ``layers`` (all by default) during the block
+        (with ``attention``, the attention neurons ``[B, T, attn_width]``)."""
         store: dict[int, torch.Tensor] = {}
 
         def keep(layer: int) -> InterventionFn:
@@ -202,12 +259,13 @@ class NeuronModel:
 
             return fn
 
-        with self.intervene({l: keep(l) for l in (range(self.num_layers) if layers is None else layers)}):
+        with self.intervene({l: keep(l) for l in (range(self.num_layers) if layers is None else layers)}, attention):
             yield store
 
     @contextlib.contextmanager
-    def ablate(self, neurons: dict[int, torch.Tensor]) -> Iterator[None]:
-        """Zero the given neuron indices of each layer (the same for every row)."""
+    def ablate(self, neurons: dict[int, torch.Tensor], attention: bool = False) -> Iterator[None]:
+        """Zero the given neuron indices of each layer (the same for every row); attention neurons with
+        ``attention``."""
 
         def zero(idx: torch.Tensor) -> InterventionFn:
             def fn(h: torch.Tensor) -> torch.Tensor:
@@ -217,7 +275,7 @@ class NeuronModel:
 
             return fn
 
-        with self.intervene({l: zero(idx.to(self.device)) for l, idx in neurons.items() if len(idx)}):
+        with self.intervene({l: zero(idx.to(self.device)) for l, idx in neurons.items() if len(idx)}, attention):
             yield
 
     # -- outputs --------------------------------------------------------------------------------

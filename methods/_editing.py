@@ -21,6 +21,7 @@ from memeval.api import Batch, SequenceSet, TokenSequence
 from memeval.errors import UsageError
 from memeval.metrics import token_nll
 from memeval.models import NeuronModel, _conv1d_or_linear_dims
+from memeval.models import set_weight_out_in as set_weight, weight_out_in as get_weight  # noqa: F401 (re-exported)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,16 +47,6 @@ def mlp_matrices(model: NeuronModel, layer: int) -> dict[str, nn.Module]:
             out["gate" if "gate" in short else "up" if "up" not in out else short] = module
     out["down"] = down
     return out
-
-
-def get_weight(module: nn.Module) -> torch.Tensor:
-    """The weight as ``[out, in]`` (a view)."""
-    return module.weight if isinstance(module, nn.Linear) else module.weight.T
-
-
-def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
-    with torch.no_grad():
-        module.weight.copy_(weight if isinstance(module, nn.Linear) else weight.T)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,10 +133,12 @@ def trainable(params: list[nn.Parameter]) -> Iterator[None]:
             p.grad = None
 
 
-def zero_columns(model: NeuronModel, masks: dict[int, torch.Tensor]) -> None:
-    """Zero the down-projection columns (neurons) ``masks[l]`` ([I] bool) of ``model`` in place."""
+def zero_columns(model: NeuronModel, masks: dict[int, torch.Tensor], attention: bool = False) -> None:
+    """Zero the down-projection columns (neurons) ``masks[l]`` ([I] bool) of ``model`` in place; with
+    ``attention``, the attention output projection's columns (attention neurons, ``[attn_width]`` bool)."""
+    get, put = (model.attn_out_proj, model.set_attn_out_proj) if attention else (model.down_proj, model.set_down_proj)
     for layer, mask in masks.items():
         if bool(mask.any()):
-            w = model.down_proj(layer).detach().clone()
+            w = get(layer).detach().clone()
             w[:, mask.to(w.device)] = 0
-            model.set_down_proj(layer, w)
+            put(layer, w)

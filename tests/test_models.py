@@ -39,15 +39,32 @@ def test_capture_shapes_and_zero_ablation_changes_output(model):
         assert torch.allclose(model.logits(batch), clean)
 
 
-def test_ablating_given_neurons_equals_zeroing_their_columns(model):
+def test_attention_neurons_found_by_structure(model):
+    # 4 heads of head_dim 8 in every tiny config: W_O maps 32 attention neurons to the hidden size 32
+    assert len(model.attn_out_projs) == model.num_layers
+    assert model.attn_width == 32
+    assert model.attn_out_proj(1).shape == (32, 32)
+    assert not set(map(id, model.attn_out_projs)) & set(map(id, model.down_projs))
+    batch = Batch.from_sequences(SEQS, model.pad_id, model.device)
+    with torch.no_grad(), model.capture([1], attention=True) as acts:
+        clean = model.logits(batch)
+    assert acts[1].shape == (3, 8, 32)  # [B, T, attn_width], also where the model flattens tokens (OPT)
+    with torch.no_grad(), model.ablate({1: torch.tensor([2, 19])}, attention=True):
+        assert not torch.allclose(model.logits(batch), clean)
+
+
+@pytest.mark.parametrize("attention", [False, True], ids=["mlp", "attention"])
+def test_ablating_given_neurons_equals_zeroing_their_columns(model, attention):
     batch = Batch.from_sequences(SEQS[:1], model.pad_id, model.device)
-    idx = torch.tensor([3, 17, 42])
-    with torch.no_grad(), model.ablate({1: idx}):
+    idx = torch.tensor([3, 17, 29])
+    with torch.no_grad(), model.ablate({1: idx}, attention=attention):
         via_hook = model.logits(batch)
     edited = model.clone()
-    w = edited.down_proj(1).detach().clone()
+    get, put = ((edited.attn_out_proj, edited.set_attn_out_proj) if attention
+                else (edited.down_proj, edited.set_down_proj))
+    w = get(1).detach().clone()
     w[:, idx] = 0
-    edited.set_down_proj(1, w)
+    put(1, w)
     with torch.no_grad():
         via_weights = edited.logits(batch)
     torch.testing.assert_close(via_hook, via_weights, rtol=1e-5, atol=1e-5)
