@@ -8,12 +8,27 @@ re-collects the statistics on the already-pruned model and prunes a further ``st
 neurons (pruned neurons score 0 and are never re-picked), until ``budget`` (the fraction of all MLP neurons
 pruned) is reached. Pruning zeroes the neuron's down-projection column.
 
-Not included: attention-neuron pruning and whole-head pruning (taker's ``attn_frac``), mean replacement.
-Without a retain set the statistics of text sampled from the model stand in.
+Attention neurons (optional, ``attn_fraction > 0``; the paper's attention pruning, taker's ``attn_frac`` with
+``attn_mode="pre-out"``): the input coordinates of each block's attention output projection W_O, i.e. the
+concatenated per-head values before W_O. They are scored in the same forward passes with the same importance
+and the ratio I(forget)/(I(retain) + ``attn_eps``) (taker's ``attn_eps`` = 1e-4), and pruned by their own
+global top-k over all layers, in the same steps as the MLP neurons; pruning zeroes the W_O input column.
+Budget: ``budget`` stays the fraction of all *MLP* neurons. As in taker, where every step prunes ``ff_frac``
+of the MLP neurons and ``attn_frac`` of the attention neurons, ``attn_fraction`` is the fraction of all
+attention neurons pruned per ``step_fraction`` of MLP neurons, so the fraction of attention neurons pruned is
+
+    attention budget = min(1, budget × attn_fraction / step_fraction),
+
+spread evenly over the steps (exactly ``attn_fraction`` a step when ``budget`` is a multiple of
+``step_fraction``). The defaults (``attn_fraction`` = 0) prune MLP neurons only, as before.
+
+Not included: whole-head pruning (taker's ``attn_prune_heads``), attention-only pruning (taker's
+``ff_frac`` = 0), mean replacement. Without a retain set the statistics of text sampled from the model stand in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -28,22 +43,13 @@ from memeval_methods._editing import general_text, require_forget, zero_columns
 IMPORTANCE = ("abs", "rms", "std", "freq", "mean_abs_sqrt")
 
 
-@torch.no_grad()
-def neuron_importance(model: NeuronModel, seqs: SequenceSet, kind: str = "abs", batch_size: int = 16) -> torch.Tensor:
-    """Per-neuron importance ``[L, I]`` over every attended token of ``seqs`` (taker/scoring.py)."""
-    s1 = s2 = pos = sq = None
-    n = 0
-    for batch in seqs.batches(batch_size, model.device):
-        with model.capture() as acts:
-            model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        mask = batch.attention_mask.bool()
-        h = torch.stack([acts[l][mask].float() for l in range(model.num_layers)])  # [L, N, I]
-        parts = (h.abs().sum(1), (h * h).sum(1), (h > 0).float().sum(1), h.abs().sqrt().sum(1), h.sum(1))
-        if s1 is None:
-            s1, s2, pos, sq, sm = parts
-        else:
-            s1, s2, pos, sq, sm = s1 + parts[0], s2 + parts[1], pos + parts[2], sq + parts[3], sm + parts[4]
-        n += h.shape[1]
+def _token_sums(h: torch.Tensor) -> list[torch.Tensor]:
+    """Per-unit sums over the tokens of ``h [L, N, U]``: |h|, h², [h > 0], sqrt|h|, h."""
+    return [h.abs().sum(1), (h * h).sum(1), (h > 0).float().sum(1), h.abs().sqrt().sum(1), h.sum(1)]
+
+
+def _importance(sums: list[torch.Tensor], n: int, kind: str) -> torch.Tensor:
+    s1, s2, pos, sq, sm = sums
     if kind == "abs":
         return s1 / n
     if kind == "rms":
@@ -57,6 +63,28 @@ def neuron_importance(model: NeuronModel, seqs: SequenceSet, kind: str = "abs", 
     raise UsageError(f"selective_pruning: unknown importance '{kind}' (expected {', '.join(IMPORTANCE)})")
 
 
+@torch.no_grad()
+def neuron_importance(model: NeuronModel, seqs: SequenceSet, kind: str = "abs", batch_size: int = 16,
+                      attention: bool = False) -> dict[str, torch.Tensor]:
+    """Per-unit importance over every attended token of ``seqs`` (taker/scoring.py): ``"mlp"`` ``[L, I]``
+    and, with ``attention``, ``"attn"`` ``[L, attn_width]`` from the same forward passes."""
+    sums: dict[str, list[torch.Tensor]] = {}
+    n = 0
+    for batch in seqs.batches(batch_size, model.device):
+        with contextlib.ExitStack() as stack:
+            stores = {"mlp": stack.enter_context(model.capture())}
+            if attention:
+                stores["attn"] = stack.enter_context(model.capture(attention=True))
+            model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        mask = batch.attention_mask.bool()
+        for unit, store in stores.items():
+            h = torch.stack([store[l][mask].float() for l in range(model.num_layers)])  # [L, N, U]
+            parts = _token_sums(h)
+            sums[unit] = parts if unit not in sums else [a + b for a, b in zip(sums[unit], parts)]
+        n += int(mask.sum())
+    return {unit: _importance(v, n, kind) for unit, v in sums.items()}
+
+
 class SelectivePruning(Editor):
     name = "selective_pruning"
     summary = "Iteratively prune the MLP neurons most important to the forget set relative to the retain set"
@@ -67,6 +95,8 @@ class SelectivePruning(Editor):
         importance: str = "abs"  # abs | rms | std | freq | mean_abs_sqrt
         eps: float = 1e-3
         step_fraction: float = 0.02  # fraction of all neurons pruned per step (the paper's ff_frac)
+        attn_fraction: float = 0.0  # attention neurons pruned per step (taker's attn_frac); 0 = MLP only
+        attn_eps: float = 1e-4
         iterative: bool = True  # re-collect statistics after every step
         batch_size: int = 16
         sampled_sequences: int = 64  # without a retain set
@@ -76,6 +106,9 @@ class SelectivePruning(Editor):
              budget: float) -> NeuronModel:
         cfg = self.config
         forget = require_forget(forget, self.name)
+        if not 0 <= cfg.attn_fraction <= 1 or (cfg.attn_fraction > 0 and cfg.step_fraction <= 0):
+            raise UsageError("selective_pruning: attn_fraction must lie in [0, 1] and needs step_fraction > 0")
+        attn_width = model.attn_width if cfg.attn_fraction > 0 else 0  # a UsageError if W_O is not found
         retain = general_text(model, retain, cfg.sampled_sequences, cfg.sampled_length, cfg.seed)
         edited = model.clone()
         total = model.num_layers * model.num_neurons
@@ -83,22 +116,32 @@ class SelectivePruning(Editor):
         if target <= 0:
             return edited
         steps = max(1, math.ceil(target / max(1, round(cfg.step_fraction * total))))
-        pruned = torch.zeros(model.num_layers, model.num_neurons, dtype=torch.bool, device=model.device)
+
+        def none_pruned(width: int) -> torch.Tensor:
+            return torch.zeros(model.num_layers, width, dtype=torch.bool, device=model.device)
+
+        # unit -> (how many to prune in all, [L, U] pruned so far, ε of the score)
+        units = {"mlp": (target, none_pruned(model.num_neurons), cfg.eps)}
+        if attn_width:
+            attn_total = model.num_layers * attn_width
+            attn_target = min(attn_total, round(budget * cfg.attn_fraction / cfg.step_fraction * attn_total))
+            units["attn"] = (attn_target, none_pruned(attn_width), cfg.attn_eps)
         scores = None
         for step in range(steps):
             if scores is None or cfg.iterative:
-                f = neuron_importance(edited, forget, cfg.importance, cfg.batch_size)
-                r = neuron_importance(edited, retain, cfg.importance, cfg.batch_size)
-                scores = f / (r + cfg.eps)
-            k = round(target * (step + 1) / steps) - int(pruned.sum())
-            if k <= 0:
-                continue
-            s = scores.masked_fill(pruned, float("-inf")).flatten()
-            new = torch.zeros_like(pruned).flatten()
-            new[s.topk(k).indices] = True
-            new = new.view_as(pruned)
-            pruned |= new
-            zero_columns(edited, {l: new[l] for l in range(model.num_layers)})
+                f = neuron_importance(edited, forget, cfg.importance, cfg.batch_size, "attn" in units)
+                r = neuron_importance(edited, retain, cfg.importance, cfg.batch_size, "attn" in units)
+                scores = {unit: f[unit] / (r[unit] + eps) for unit, (_, _, eps) in units.items()}
+            for unit, (unit_target, pruned, _) in units.items():
+                k = round(unit_target * (step + 1) / steps) - int(pruned.sum())
+                if k <= 0:
+                    continue
+                s = scores[unit].masked_fill(pruned, float("-inf")).flatten()
+                new = torch.zeros_like(pruned).flatten()
+                new[s.topk(k).indices] = True
+                new = new.view_as(pruned)
+                pruned |= new
+                zero_columns(edited, {l: new[l] for l in range(model.num_layers)}, attention=unit == "attn")
         return edited
 
 

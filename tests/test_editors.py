@@ -125,6 +125,32 @@ def test_selective_pruning_prunes_forget_specific_neurons(memorizer):
     edited = SelectivePruning().edit(memorizer["model"], SequenceSet(memorizer["forget"], 0), memorizer["retain"], 0.1)
     zero_cols = sum(int((edited.down_proj(l) == 0).all(0).sum()) for l in range(edited.num_layers))
     assert zero_cols == round(0.1 * 2 * 192)  # budget = fraction of all MLP neurons, global top-k
+    # the default (attn_fraction 0) leaves every attention output projection as it was
+    model = memorizer["model"]
+    assert all(torch.equal(edited.attn_out_proj(l), model.attn_out_proj(l)) for l in range(model.num_layers))
+
+
+def test_selective_pruning_with_attention_neurons(memorizer):
+    from memeval_methods.selective_pruning import SelectivePruning
+
+    model = memorizer["model"]
+    fp = model.fingerprint()
+    forget = SequenceSet(memorizer["forget"], model.pad_id)
+
+    def edit(**config):
+        edited = SelectivePruning(SelectivePruning.Config(**config)).edit(model, forget, memorizer["retain"], 0.1)
+        assert model.fingerprint() == fp, "the editor modified the model it was given"
+        return edited
+
+    edited = edit(attn_fraction=0.02)
+    mlp = sum(int((edited.down_proj(l) == 0).all(0).sum()) for l in range(2))
+    attn = sum(int((edited.attn_out_proj(l) == 0).all(0).sum()) for l in range(2))
+    # attention budget = budget × attn_fraction / step_fraction of the 2 × 48 attention neurons
+    assert mlp == round(0.1 * 2 * 192) and attn == round(0.1 * 0.02 / 0.02 * 2 * 48)
+    # statistics collected once: pruning attention neurons too leaves the choice of MLP neurons unchanged
+    once, both = edit(iterative=False), edit(iterative=False, attn_fraction=0.02)
+    assert all(torch.equal(once.down_proj(l), both.down_proj(l)) for l in range(2))
+    assert not all(torch.equal(once.attn_out_proj(l), both.attn_out_proj(l)) for l in range(2))
 
 
 def test_balanced_subnet_forgets_the_set(memorizer):
