@@ -30,6 +30,17 @@ class WeightDiff(Localizer):
         return torch.stack(diffs)[None].expand(len(batch), -1, -1)
 
 
+class ColumnNorm(Localizer):
+    """Scores each neuron by its down-projection column's norm (what Activations' ‖v‖ factor sees)."""
+
+    name = "column_norm"
+    summary = "test localizer"
+
+    def localize(self, model, batch):
+        norms = torch.stack([model.down_proj(l).norm(dim=0) for l in range(model.num_layers)])
+        return norms[None].expand(len(batch), -1, -1)
+
+
 class FixedNeurons(Localizer):
     """Scores neurons 0..9 of every layer highest, in decreasing order."""
 
@@ -45,7 +56,7 @@ class FixedNeurons(Localizer):
 class Plugin:
     @hookimpl
     def memeval_methods(self):
-        return [WeightDiff, FixedNeurons]
+        return [WeightDiff, ColumnNorm, FixedNeurons]
 
 
 def run(tasks: Path, out: Path, methods: str, task: str, *extra: str) -> dict:
@@ -92,6 +103,29 @@ def test_injection_oracle_finds_every_planted_neuron_and_random_does_not(env):
     assert rnd["auc"]["mean"] < 0.85 and rnd["global_recall@1x"]["mean"] < 0.5
     # The injected model is restored between items: the base weights are untouched.
     assert load_model(str(model_dir)).fingerprint() == WeightDiff.base.fingerprint()
+
+
+@pytest.mark.parametrize("preserve_norm", [False, True])
+def test_norm_preserving_injection_leaves_no_trace_in_column_norms(env, preserve_norm):
+    model_dir, tmp = env
+    WeightDiff.base = load_model(str(model_dir))
+    texts = tmp / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"definition": f"alpha river {w} stone north seven quiet lamp gamma"}) + "\n"
+                             for w in ("beta", "delta", "seven", "quiet")))
+    tasks = tmp / "tasks"
+    tasks.mkdir()
+    (tasks / "inj.yaml").write_text(
+        f"task: inj_norm\nversion: 1\nprotocol: injection\nmodel: {model_dir}\n"
+        f"data: {{source: file, path: {texts}, sequences: 3, dev: 1, max_tokens: 16}}\n"
+        f"params: {{ratio: 0.05, max_steps: 30, lr: 0.05, preserve_norm: {str(preserve_norm).lower()}}}\n")
+    res = {e["method"]: e["metrics"] for e in run(tasks, tmp / "out", "weight_diff,column_norm", "inj_norm")["results"]}
+    # The columns move either way (the weight-difference oracle still ranks them perfectly) ...
+    assert res["weight_diff"]["auc"]["mean"] == 1.0
+    # ... but only unconstrained Adam makes them stand out by their norm.
+    if preserve_norm:
+        assert res["column_norm"]["auc"]["mean"] < 0.8
+    else:
+        assert res["column_norm"]["auc"]["mean"] > 0.95
 
 
 def test_deletion_metrics_equal_a_hand_computed_ablation(env):

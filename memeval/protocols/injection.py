@@ -12,6 +12,10 @@ injected set, which never leaves this module:
 - ``ceiling@1x``: the best recall a per-layer top-k can reach (gold neurons are not spread evenly);
 - ``injected``: 1 when the injection reached the stop loss.
 
+With ``preserve_norm`` every injected column is rescaled to its original norm after each Adam step, so the
+injection is visible only through what the columns do, not through their size (memeval's choice for small
+models, whose columns unconstrained Adam grows several-fold; the paper's setup leaves it off).
+
 Injection is batched across sequences (a per-row weight delta on the chosen columns, rows independent,
 per-row early stopping) and cached as the changed columns only.
 """
@@ -62,6 +66,10 @@ class InjectionParams:
     max_steps: int = 200
     stop_loss: float = 0.05
     inject_batch: int = 16
+    # After every Adam step, rescale each injected column back to its original norm (a projection onto the
+    # sphere): the sequence is stored by rotating the columns only, so column norms carry no trace of the
+    # injection. false = MemPi's unconstrained Adam (the paper's setup).
+    preserve_norm: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.ratio < 1:
@@ -119,7 +127,8 @@ class InjectionProtocol(Protocol):
     def _key(self, seq: TokenSequence) -> str:
         blob = json.dumps({"model": self.model.fingerprint(), "ids": seq.input_ids, "item": seq.id, "seed": self.seed,
                            "ratio": self.params.ratio, "lr": self.params.learning_rate, "steps": self.params.max_steps,
-                           "stop": self.params.stop_loss, "dtype": str(self.model.dtype), "v": 1})
+                           "stop": self.params.stop_loss, "dtype": str(self.model.dtype), "v": 1,
+                           **({"preserve_norm": True} if self.params.preserve_norm else {})})
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
     def _load_or_inject(self, seqs: list[TokenSequence]) -> dict[str, dict]:
@@ -156,6 +165,7 @@ class InjectionProtocol(Protocol):
             idx.append(torch.stack([torch.nn.functional.pad(r, (0, width - len(r))) for r in rows]).to(dev))
             valid.append(torch.stack([torch.arange(width) < len(r) for r in rows]).to(dev, model.dtype))
             deltas.append(torch.zeros(B, model.hidden_size, width, device=dev, dtype=model.dtype, requires_grad=True))
+        originals = [model.down_proj(layer).detach().T[idx[layer]].transpose(1, 2) for layer in range(L)]  # [B, H, w]
         batch = Batch.from_sequences(seqs, model.pad_id, dev)
         opt = torch.optim.Adam(deltas, lr=self.params.learning_rate)
         active = torch.ones(B, dtype=torch.bool, device=dev)
@@ -172,7 +182,9 @@ class InjectionProtocol(Protocol):
                 frozen = [d.detach().clone() for d in deltas]
                 opt.step()
                 with torch.no_grad():
-                    for d, keep in zip(deltas, frozen):
+                    for d, keep, orig in zip(deltas, frozen, originals):
+                        if self.params.preserve_norm:
+                            d.copy_(_same_norm(orig, d))
                         d[~active] = keep[~active]
         results = []
         for b in range(B):
@@ -272,3 +284,12 @@ class InjectionProtocol(Protocol):
                 metrics[f"global_recall@{m}x"] = recall(top_k_global(scores, max(1, round(L * I * m * r))), gold)
             out.append(metrics)
         return out
+
+
+def _same_norm(original: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The delta that gives ``original + delta`` the norm of ``original``, per column (dim −2).
+
+    Columns ``[..., H, w]``; a zero column stays as it is (its direction is undefined)."""
+    new = original + delta
+    scale = original.norm(dim=-2, keepdim=True) / new.norm(dim=-2, keepdim=True).clamp_min(1e-12)
+    return new * scale - original
