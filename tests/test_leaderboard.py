@@ -8,10 +8,8 @@ import functools
 import http.server
 import importlib.util
 import json
-import os
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading

@@ -4,8 +4,6 @@ are found, and the model is never modified."""
 from __future__ import annotations
 
 import importlib.util
-import math
-import sys
 from pathlib import Path
 
 import pytest

@@ -5,14 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
-from dataclasses import dataclass
 
 import pytest
 
 from memeval import hookimpl, plugins
 from memeval.api import Localizer
-from memeval.cli import main
 from memeval.errors import UsageError
 
 

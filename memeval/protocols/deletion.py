@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from memeval.api import Batch, Editor, Localizer, Method, SequenceSet, TokenSequence
+from memeval.api import Batch, Editor, Method, SequenceSet, TokenSequence
 from memeval.errors import UsageError
 from memeval.metrics import perplexity, perplexity_base2
 from memeval.models import NeuronModel

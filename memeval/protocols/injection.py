@@ -37,7 +37,6 @@ from memeval.api import Batch, Method, TokenSequence
 from memeval.errors import UsageError
 from memeval.metrics import (average_precision, masked_mean, per_layer_ceiling, per_layer_k, recall, roc_auc,
                              token_nll, top_k_global, top_k_per_layer)
-from memeval.models import NeuronModel
 from memeval.protocols.base import Protocol
 from memeval.protocols.sources import load_texts, organism_for, resolve_path, split_dev, texts_to_sequences
 

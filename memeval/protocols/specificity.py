@@ -27,7 +27,6 @@ Headline ``forget_collateral_auc``: :func:`memeval.metrics.forget_collateral_auc
 from __future__ import annotations
 
 import json
-import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
