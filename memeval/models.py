@@ -1,14 +1,14 @@
 """Model loading and the neuron view of any Hugging Face causal LM (DESIGN §3, §5).
 
 A *neuron* is one input coordinate of a layer's MLP down-projection (GPT-2 ``mlp.c_proj``, GPT-NeoX
-``mlp.dense_4h_to_h``, Llama/OLMo-2/Qwen2/Gemma ``mlp.down_proj``, OPT ``fc2``), so gated MLPs work
+``mlp.dense_4h_to_h``, Llama/OLMo-2/Qwen2/Gemma/Phi-3 ``mlp.down_proj``, OPT ``fc2``), so gated MLPs work
 unchanged: what is seen is the vector that the down-projection mixes back into the residual stream
 (Chang et al. 2024 §2, Geva et al. 2022). The down-projections are found by module structure; the
 number of neurons is read off the module's weight, never assumed to be ``4 × hidden``.
 
 Attention "neurons" (for editors that prune them, e.g. Selective Pruning) are the input coordinates of each
 block's attention output projection (GPT-2 ``attn.c_proj``, GPT-NeoX ``attention.dense``, Llama/OLMo-2/
-Qwen2/Gemma ``self_attn.o_proj``, OPT ``self_attn.out_proj``): the concatenated per-head values before W_O.
+Qwen2/Gemma/Phi-3 ``self_attn.o_proj``, OPT ``self_attn.out_proj``): the concatenated per-head values before W_O.
 They are found on first use, so a model without a recognisable one fails only when they are asked for.
 
 Model specs:

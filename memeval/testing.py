@@ -25,7 +25,7 @@ from memeval import hookimpl
 from memeval.api import Batch, Localizer, Method, TokenSequence
 from memeval.protocols import Protocol
 
-ARCHITECTURES = ("gpt2", "gpt_neox", "llama", "olmo2", "qwen2", "opt", "gemma")
+ARCHITECTURES = ("gpt2", "gpt_neox", "llama", "olmo2", "qwen2", "opt", "gemma", "phi3")
 
 
 @pytest.fixture
@@ -81,7 +81,8 @@ def tiny_config(arch: str, vocab_size: int, hidden: int = 32, layers: int = 2, i
     if arch == "opt":
         return tf.OPTConfig(num_hidden_layers=layers, hidden_size=hidden, ffn_dim=intermediate, word_embed_proj_dim=hidden,
                             max_position_embeddings=128, bos_token_id=0, eos_token_id=0, pad_token_id=0, **common)
-    llama_like = {"llama": tf.LlamaConfig, "olmo2": tf.Olmo2Config, "qwen2": tf.Qwen2Config, "gemma": tf.GemmaConfig}
+    llama_like = {"llama": tf.LlamaConfig, "olmo2": tf.Olmo2Config, "qwen2": tf.Qwen2Config, "gemma": tf.GemmaConfig,
+                  "phi3": tf.Phi3Config}  # phi3: a fused gate/up projection (mlp.gate_up_proj, hidden → 2·I)
     if arch in llama_like:
         extra = {"head_dim": hidden // 4} if arch == "gemma" else {}
         return llama_like[arch](num_hidden_layers=layers, hidden_size=hidden, intermediate_size=intermediate,
