@@ -1,6 +1,7 @@
 """Helpers shared by the editors (selective pruning, K-FAC, BalancedSubnet, gradient ascent, NPO).
 
-- the MLP matrices of a block (up/gate projections found by shape, the down-projection from NeuronModel),
+- the MLP matrices of a block (up/gate projections, or a fused gate/up projection, found by shape; the
+  down-projection from NeuronModel),
   read and written as ``[out, in]`` whatever the module type (GPT-2's Conv1D stores ``[in, out]``);
 - the general text an editor needs for statistics: the ``retain`` set, or, when a protocol gives none
   (DEL), text sampled from the model itself;
@@ -29,10 +30,17 @@ from memeval.models import set_weight_out_in as set_weight, weight_out_in as get
 
 
 def mlp_matrices(model: NeuronModel, layer: int) -> dict[str, nn.Module]:
-    """The MLP projections of ``layer``: ``down`` and every ``up``-like map hidden → num_neurons
-    (``up``, ``gate`` for gated MLPs; named by the module's attribute name)."""
+    """The MLP projections of ``layer`` (modules of the down-projection's parent module), ``down`` last:
+
+    - every map hidden → num_neurons: ``gate`` if its attribute name contains "gate", else ``up`` (a second
+      such map is named by its attribute name);
+    - every fused map hidden → k·num_neurons (k ≥ 2; e.g. Phi-3's ``gate_up_proj``, split into gate and up
+      inside the MLP): ``gate_up``, a second one by its attribute name;
+    - ``down``: the down-projection of :class:`~memeval.models.NeuronModel`.
+    """
     block = model.blocks[layer]
     down = model.down_projs[layer]
+    h, n = model.hidden_size, model.num_neurons
     out: dict[str, nn.Module] = {}
     parent = None
     for name, module in block.named_modules():
@@ -40,11 +48,16 @@ def mlp_matrices(model: NeuronModel, layer: int) -> dict[str, nn.Module]:
             parent = name.rpartition(".")[0]
     for name, module in block.named_modules():
         dims = _conv1d_or_linear_dims(module)
-        if module is down or dims is None:
+        if module is down or dims is None or name.rpartition(".")[0] != parent or dims[0] != h:
             continue
-        if dims == (model.hidden_size, model.num_neurons) and name.rpartition(".")[0] == parent:
-            short = name.rpartition(".")[2]
-            out["gate" if "gate" in short else "up" if "up" not in out else short] = module
+        short = name.rpartition(".")[2]
+        if dims[1] == n:
+            key = "gate" if "gate" in short else "up"
+        elif dims[1] % n == 0 and dims[1] >= 2 * n:
+            key = "gate_up"
+        else:
+            continue
+        out[short if key in out else key] = module
     out["down"] = down
     return out
 

@@ -1,10 +1,10 @@
 """BalancedSubnet (Sakarvadia et al., ICLR 2025, arXiv 2410.02159; msakarvadia/memorization).
 
-Learns one score per weight of both MLP matrices (up/gate and down) in every layer; the forward pass uses
-W ⊙ M where M drops the ``budget`` fraction of entries with the smallest |score| (edge-popup masks, a
-straight-through estimator passes the gradient to the scores). Weights stay frozen; the scores are trained
-with SGD on L = −(1−w)·CE(forget) + w·CE(retain) over batches that mix both groups; after training the mask
-is baked into the weights. ``budget`` = fraction of MLP weights masked.
+Learns one score per weight of every MLP matrix (up/gate or a fused gate_up, and down) in every layer; the
+forward pass uses W ⊙ M where M drops the ``budget`` fraction of entries with the smallest |score| (edge-popup
+masks, a straight-through estimator passes the gradient to the scores). Weights stay frozen; the scores are
+trained with SGD on L = −(1−w)·CE(forget) + w·CE(retain) over batches that mix both groups; after training
+the mask is baked into the weights. ``budget`` = fraction of MLP weights masked.
 
 Guard missing in the reference code: a batch lacking one group contributes 0 for that term (not NaN); here
 every step draws a batch of each group, so neither is ever empty unless the group itself is (no retain set:

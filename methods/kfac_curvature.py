@@ -1,11 +1,11 @@
 """Loss-curvature editing with K-FAC (Merullo, Vatsavaya, Bushnaq & Lewis 2025, arXiv 2510.24256).
 
-For every MLP projection W [d_out, d_in] (up/gate and down) the Fisher block is approximated by K-FAC,
-F_W ≈ G ⊗ A with A = E[a aᵀ] over the layer's inputs and G = E[g gᵀ] over the gradients of the next-token
-loss with respect to its outputs, on *general* text (the retain set; no forget set is needed). With
-A = U_A diag(μ) U_Aᵀ and G = U_G diag(λ) U_Gᵀ, the component u_i v_jᵀ of W has curvature λ_i μ_j. The edit
-keeps the highest-curvature components until a fraction ρ of the total mass (Σλ)(Σμ) is reached and drops
-the rest: W' = U_G [(U_Gᵀ W U_A) ⊙ M] U_Aᵀ. ``budget = 1 − ρ``.
+For every MLP projection W [d_out, d_in] (up/gate or a fused gate_up, and down) the Fisher block is
+approximated by K-FAC, F_W ≈ G ⊗ A with A = E[a aᵀ] over the layer's inputs and G = E[g gᵀ] over the
+gradients of the next-token loss with respect to its outputs, on *general* text (the retain set; no forget
+set is needed). With A = U_A diag(μ) U_Aᵀ and G = U_G diag(λ) U_Gᵀ, the component u_i v_jᵀ of W has
+curvature λ_i μ_j. The edit keeps the highest-curvature components until a fraction ρ of the total mass
+(Σλ)(Σμ) is reached and drops the rest: W' = U_G [(U_Gᵀ W U_A) ⊙ M] U_Aᵀ. ``budget = 1 − ρ``.
 
 Differences from the reference code (goodfire-ai/memorization_kfac):
 - the selection is vectorised: a bisection on the curvature threshold τ with mass(τ) = Σ_i λ_i Σ_{μ_j ≥ τ/λ_i} μ_j
@@ -50,16 +50,7 @@ def collect_factors(model: NeuronModel, text: SequenceSet, layers: list[int], pr
 
     No parameter of ``model`` is changed: gradients flow from input embeddings that require grad.
     """
-    targets = {}
-    for l in layers:
-        mats = mlp_matrices(model, l)
-        for p in projections:
-            if p == "all":
-                targets.update({f"{l}.{n}": m for n, m in mats.items()})
-            elif p in mats:
-                targets[f"{l}.{p}"] = mats[p]
-            else:
-                raise UsageError(f"kfac_curvature: layer {l} has no MLP matrix '{p}' (it has {', '.join(mats)})")
+    targets = factor_targets(model, layers, projections)
     dev = model.device
     A = {k: torch.zeros(_dims(m)[1], _dims(m)[1], device=dev) for k, m in targets.items()}
     G = {k: torch.zeros(_dims(m)[0], _dims(m)[0], device=dev) for k, m in targets.items()}
@@ -105,6 +96,21 @@ def collect_factors(model: NeuronModel, text: SequenceSet, layers: list[int], pr
         for h in handles:
             h.remove()
     return {k: {"A": A[k] / count, "G": G[k] / count, "tokens": count} for k in targets}
+
+
+def factor_targets(model: NeuronModel, layers: list[int], projections: list[str]) -> dict[str, torch.nn.Module]:
+    """``{"<layer>.<proj>": module}`` of the named projections (``all``: every one of :func:`mlp_matrices`)."""
+    targets = {}
+    for l in layers:
+        mats = mlp_matrices(model, l)
+        for p in projections:
+            if p == "all":
+                targets.update({f"{l}.{n}": m for n, m in mats.items()})
+            elif p in mats:
+                targets[f"{l}.{p}"] = mats[p]
+            else:
+                raise UsageError(f"kfac_curvature: layer {l} has no MLP matrix '{p}' (it has {', '.join(mats)})")
+    return targets
 
 
 def _dims(module) -> tuple[int, int]:
@@ -193,7 +199,7 @@ class KFACCurvature(Editor):
     @dataclass
     class Config(Editor.Config):
         layers: list[int] | None = None  # None: every layer
-        projections: list[str] | None = None  # None: every MLP matrix (gate/up/down); or e.g. [up, gate]
+        projections: list[str] | None = None  # None: every MLP matrix (gate/up or gate_up, down); or e.g. [up, gate]
         max_sequences: int = 256  # general-text sequences used for the factors
         sample_labels: bool = False  # true: labels sampled from the model (true Fisher)
         batch_size: int = 8
@@ -210,6 +216,7 @@ class KFACCurvature(Editor):
     def factors(self, model: NeuronModel, retain: SequenceSet | None) -> dict[str, dict]:
         """Factors and their eigendecompositions, from memory, the disk cache, or collected now."""
         cfg = self.config
+        layers, projections = self._layers(model), cfg.projections or ["all"]
         text = general_text(model, retain, cfg.sampled_sequences, cfg.sampled_length, cfg.seed)
         text = SequenceSet(text.sequences[: cfg.max_sequences], text.pad_id)
         blob = json.dumps({"config": asdict(cfg), "text": set_digest(text), "v": 1}, sort_keys=True, default=str)
@@ -223,9 +230,11 @@ class KFACCurvature(Editor):
                 eig = torch.load(path, map_location=model.device)
             except Exception:  # a corrupt cache entry is rebuilt
                 eig = None
+        # an entry lacking a matrix (written before fused gate/up projections were found) is rebuilt too
+        if eig is not None and set(factor_targets(model, layers, projections)) - set(eig):
+            eig = None
         if eig is None:
-            fac = collect_factors(model, text, self._layers(model), cfg.projections or ["all"], cfg.batch_size,
-                                  cfg.sample_labels, cfg.seed)
+            fac = collect_factors(model, text, layers, projections, cfg.batch_size, cfg.sample_labels, cfg.seed)
             eig = {}
             for k, f in fac.items():
                 eig[k] = {"G": eigh_desc(f["G"]), "A": eigh_desc(f["A"]), "tokens": f["tokens"]}
