@@ -272,3 +272,105 @@ def test_editors_run_in_deletion_set_granularity(tiny_model_dir, tmp_path, monke
     recs = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
     assert len(recs) == 4 and all("metrics" in r for r in recs), recs  # no error, no fingerprint change
     assert all(r["metrics"]["d_rand_ppl@0.125"] != 0 for r in recs)
+
+
+# ---------------------------------------------------------------------------------------------
+# A fused gate/up projection (Phi-3's mlp.gate_up_proj: hidden → 2 × neurons, split inside the MLP)
+
+
+@pytest.fixture(scope="module")
+def phi3(tiny_model_dir):
+    """The tiny Phi-3 (hidden 32, 80 neurons) with random token sequences as forget and retain sets."""
+    model = load_model(str(tiny_model_dir("phi3")))
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randint(1, len(model.tokenizer), (20, 12), generator=gen).tolist()
+    return {"model": model, "forget": SequenceSet([TokenSequence(f"f{i}", tuple(r), 4) for i, r in enumerate(rows[:4])],
+                                                  model.pad_id),
+            "retain": SequenceSet([TokenSequence(f"r{i}", tuple(r), 0) for i, r in enumerate(rows[4:])], model.pad_id)}
+
+
+def fused(model, layer: int) -> torch.Tensor:
+    return model.hf.model.layers[layer].mlp.gate_up_proj.weight
+
+
+def test_mlp_matrices_name_the_fused_gate_up_projection(phi3, tiny_model_dir):
+    from memeval_methods._editing import mlp_matrices
+
+    model = phi3["model"]
+    for l in range(model.num_layers):
+        mats = mlp_matrices(model, l)
+        assert list(mats) == ["gate_up", "down"]
+        assert mats["gate_up"] is model.hf.model.layers[l].mlp.gate_up_proj and mats["down"] is model.down_projs[l]
+        assert tuple(mats["gate_up"].weight.shape) == (2 * model.num_neurons, model.hidden_size)
+    # separate projections keep their names
+    assert list(mlp_matrices(load_model(str(tiny_model_dir("llama"))), 0)) == ["gate", "up", "down"]
+    # with 32 neurons, attention's qkv_proj (32 → 64) and o_proj (32 → 32) have MLP-like shapes: never taken
+    from transformers import AutoModelForCausalLM
+
+    from memeval.models import NeuronModel
+    from memeval.testing import tiny_config
+
+    narrow = NeuronModel(AutoModelForCausalLM.from_config(tiny_config("phi3", 100, intermediate=32)), None, "narrow")
+    assert narrow.num_neurons == 32
+    assert mlp_matrices(narrow, 0) == {"gate_up": narrow.hf.model.layers[0].mlp.gate_up_proj,
+                                       "down": narrow.down_projs[0]}
+
+
+def test_kfac_edits_the_fused_projection(phi3, tmp_path, monkeypatch):
+    from memeval_methods.kfac_curvature import KFACCurvature
+
+    monkeypatch.setenv("MEMEVAL_CACHE", str(tmp_path))
+    model, retain = phi3["model"], phi3["retain"]
+    fp = model.fingerprint()
+    editor = KFACCurvature()
+    edited = editor.edit(model, None, retain, 0.3)
+    assert model.fingerprint() == fp, "the editor modified the model it was given"
+    eig = editor.factors(model, retain)
+    for l in range(model.num_layers):
+        assert not torch.equal(fused(edited, l), fused(model, l))
+        assert not torch.equal(edited.down_proj(l), model.down_proj(l))
+        # G over the 160 fused outputs, A over the 32 inputs; dropped eigencomponents are exactly zero
+        (_, ug), (_, ua) = eig[f"{l}.gate_up"]["G"], eig[f"{l}.gate_up"]["A"]
+        assert ug.shape == (160, 160) and ua.shape == (32, 32)
+        coef = ug.T @ fused(edited, l).double() @ ua
+        dropped = (coef.abs() < 1e-6).float().mean()
+        assert 0 < dropped < 1
+    # the fused matrix alone can be named in the config
+    only = KFACCurvature(KFACCurvature.Config(projections=["gate_up"])).edit(model, None, retain, 0.3)
+    assert all(torch.equal(only.down_proj(l), model.down_proj(l)) for l in range(model.num_layers))
+    torch.testing.assert_close(fused(only, 0), fused(edited, 0))
+
+
+def test_kfac_rebuilds_a_cache_entry_without_the_fused_projection(phi3, tmp_path, monkeypatch):
+    from memeval_methods import kfac_curvature as kc
+
+    monkeypatch.setenv("MEMEVAL_CACHE", str(tmp_path))
+    model, retain = phi3["model"], phi3["retain"]
+    expected = kc.KFACCurvature().edit(model, None, retain, 0.3)
+    (path,) = (tmp_path / "kfac").glob("*/factors.pt")
+    torch.save({k: v for k, v in torch.load(path).items() if not k.endswith("gate_up")}, path)  # an older entry
+    calls = []
+    collect = kc.collect_factors
+    monkeypatch.setattr(kc, "collect_factors", lambda *a, **k: calls.append(1) or collect(*a, **k))
+    edited = kc.KFACCurvature().edit(model, None, retain, 0.3)
+    assert calls == [1]
+    assert all(torch.equal(fused(edited, l), fused(expected, l)) for l in range(model.num_layers))
+    assert {k for k in torch.load(path) if k.endswith("gate_up")} == {"0.gate_up", "1.gate_up"}
+
+
+def test_balanced_subnet_masks_the_fused_projection(phi3):
+    from memeval_methods.balanced_subnet import BalancedSubnet
+
+    model = phi3["model"]
+    fp = model.fingerprint()
+    edited = BalancedSubnet(BalancedSubnet.Config(epochs=2, batch_size=4)).edit(model, phi3["forget"],
+                                                                                phi3["retain"], 0.2)
+    assert model.fingerprint() == fp, "the editor modified the model it was given"
+    n = model.num_neurons
+    for l in range(model.num_layers):
+        w = fused(edited, l)
+        assert float((w == 0).float().mean()) == pytest.approx(0.2, abs=0.01)  # budget = fraction masked
+        assert bool((w[:n] == 0).any()) and bool((w[n:] == 0).any())  # both the gate and the up half
+        kept = w != 0
+        torch.testing.assert_close(w[kept], fused(model, l)[kept])  # a mask: kept entries are unchanged
+        assert float((edited.down_proj(l) == 0).float().mean()) == pytest.approx(0.2, abs=0.01)
