@@ -254,7 +254,7 @@ def bench_model(model, seqs, methods: list[str], classes, args, overrides: dict)
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="organism:tiny")
+    ap.add_argument("--model", default="organism:tiny", help="none: only the GPT-2-small-architecture model")
     ap.add_argument("--methods", default="activations,zero_out,ig,slimming,hardconcrete,hardconcrete_same_noise")
     ap.add_argument("--n-seq", type=int, default=16, help="sequences on the --model (the batch of memeval)")
     ap.add_argument("--prefix", type=int, default=32)
@@ -286,13 +286,14 @@ def main(argv=None) -> None:
           f"{os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.1f} at start", flush=True)
 
-    model, given = load_bench_model(args.model, args.build)
-    seqs = make_sequences(model, args.n_seq, args.prefix, args.suffix, given)
-    print(f"# model: {model.spec}: {model.num_layers} layers × {model.num_neurons} neurons; "
-          f"{len(seqs)} sequences of {min(len(s.input_ids) for s in seqs)}-{max(len(s.input_ids) for s in seqs)} tokens "
-          f"(prefix {seqs[0].prefix_len}); memeval batch = all of them")
     saved = (args.ref_layers, args.ref_zero_chunks)
-    bench_model(model, seqs, methods, classes, args, {})
+    if args.model != "none":
+        model, given = load_bench_model(args.model, args.build)
+        seqs = make_sequences(model, args.n_seq, args.prefix, args.suffix, given)
+        print(f"# model: {model.spec}: {model.num_layers} layers × {model.num_neurons} neurons; {len(seqs)} sequences "
+              f"of {min(len(s.input_ids) for s in seqs)}-{max(len(s.input_ids) for s in seqs)} tokens "
+              f"(prefix {seqs[0].prefix_len}); memeval batch = all of them")
+        bench_model(model, seqs, methods, classes, args, {})
 
     if args.gpt2_layers > 0:
         model = gpt2_small(args.gpt2_layers)

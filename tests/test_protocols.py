@@ -77,18 +77,25 @@ def env(memeval_plugin, tiny_model_dir, tmp_path, monkeypatch):
     return model_dir, tmp_path
 
 
-def test_injection_oracle_finds_every_planted_neuron_and_random_does_not(env):
-    model_dir, tmp = env
+def injection_task(model_dir: Path, tmp: Path, words: tuple[str, ...], params: str) -> Path:
+    """A task folder with one INJ task ``inj_tiny`` over short texts (one per word, the last one as dev)."""
     WeightDiff.base = load_model(str(model_dir))
     texts = tmp / "texts.jsonl"
     texts.write_text("".join(json.dumps({"definition": f"alpha river {w} stone north seven quiet lamp gamma"}) + "\n"
-                             for w in ("beta", "delta", "seven", "quiet", "lamp")))
+                             for w in words))
     tasks = tmp / "tasks"
     tasks.mkdir()
     (tasks / "inj.yaml").write_text(
         f"task: inj_tiny\nversion: 1\nprotocol: injection\nmodel: {model_dir}\n"
-        f"data: {{source: file, path: {texts}, sequences: 4, dev: 1, max_tokens: 16}}\n"
-        "params: {ratio: 0.05, multiples: [1, 5], max_steps: 30}\n")
+        f"data: {{source: file, path: {texts}, sequences: {len(words) - 1}, dev: 1, max_tokens: 16}}\n"
+        f"params: {params}\n")
+    return tasks
+
+
+def test_injection_oracle_finds_every_planted_neuron_and_random_does_not(env):
+    model_dir, tmp = env
+    tasks = injection_task(model_dir, tmp, ("beta", "delta", "seven", "quiet", "lamp"),
+                           "{ratio: 0.05, multiples: [1, 5], max_steps: 30}")
     summary = run(tasks, tmp / "out", "weight_diff,random", "inj_tiny")
     res = {e["method"]: e["metrics"] for e in summary["results"]}
     oracle = res["weight_diff"]
@@ -107,17 +114,9 @@ def test_injection_oracle_finds_every_planted_neuron_and_random_does_not(env):
 @pytest.mark.parametrize("preserve_norm", [False, True])
 def test_norm_preserving_injection_leaves_no_trace_in_column_norms(env, preserve_norm):
     model_dir, tmp = env
-    WeightDiff.base = load_model(str(model_dir))
-    texts = tmp / "texts.jsonl"
-    texts.write_text("".join(json.dumps({"definition": f"alpha river {w} stone north seven quiet lamp gamma"}) + "\n"
-                             for w in ("beta", "delta", "seven", "quiet")))
-    tasks = tmp / "tasks"
-    tasks.mkdir()
-    (tasks / "inj.yaml").write_text(
-        f"task: inj_norm\nversion: 1\nprotocol: injection\nmodel: {model_dir}\n"
-        f"data: {{source: file, path: {texts}, sequences: 3, dev: 1, max_tokens: 16}}\n"
-        f"params: {{ratio: 0.05, max_steps: 30, lr: 0.05, preserve_norm: {str(preserve_norm).lower()}}}\n")
-    res = {e["method"]: e["metrics"] for e in run(tasks, tmp / "out", "weight_diff,column_norm", "inj_norm")["results"]}
+    tasks = injection_task(model_dir, tmp, ("beta", "delta", "seven", "quiet"),
+                           f"{{ratio: 0.05, max_steps: 30, lr: 0.05, preserve_norm: {str(preserve_norm).lower()}}}")
+    res = {e["method"]: e["metrics"] for e in run(tasks, tmp / "out", "weight_diff,column_norm", "inj_tiny")["results"]}
     # The columns move either way (the weight-difference oracle still ranks them perfectly) ...
     assert res["weight_diff"]["auc"]["mean"] == 1.0
     # ... but only unconstrained Adam makes them stand out by their norm.
