@@ -44,7 +44,7 @@ class _Mask(nn.Module):
         else:
             thresh = a.detach().flatten().kthvalue(k).values
             hard = (a.detach() > thresh).to(a.dtype)
-        return hard + a - a.detach()  # forward: the hard mask; backward: straight through to |S|
+        return hard + (a - a.detach())  # forward: exactly the hard mask; backward: straight through to |S|
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight * self.mask()
