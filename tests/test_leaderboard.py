@@ -71,6 +71,28 @@ def ranking_order(html: str) -> dict[str, list[str]]:
 # ---------------------------------------------------------------------------------------------- build
 
 
+def test_task_page_shows_the_paired_difference_to_the_rank_above(tmp_path):
+    # Three items; per-item recall@1x: slimming 0.6, 0.5, 0.7; activations 0.4, 0.45, 0.5; random 0.1, 0.05, 0.3.
+    # activations - slimming = -0.2, -0.05, -0.2: mean -0.15, sample sd sqrt(0.0075), stderr 0.05 (3 s.e.: *);
+    # random - activations = -0.3, -0.4, -0.2: mean -0.3, sd 0.1, stderr 0.0577 (5.2 s.e.: *).
+    values = {"slimming": [0.6, 0.5, 0.7], "activations": [0.4, 0.45, 0.5], "random": [0.1, 0.05, 0.3]}
+    entries = []
+    for method, vs in values.items():
+        entry, recs = mf.result(method, "inj_organism", {"recall@1x": 0.0}, 3)
+        for rec, v in zip(recs, vs):
+            rec["metrics"]["recall@1x"] = v
+        entry["primary"]["value"] = entry["metrics"]["recall@1x"]["mean"] = sum(vs) / 3
+        entries.append((entry, recs))
+    tasks = {"inj_organism": dict(mf.TASKS["inj_organism"], n_items=3)}
+    mf.write_set(tmp_path / "results" / "paired", mf.meta("2026-11-23T12:00:00+00:00", "ab" * 20), entries, tasks=tasks)
+    build_site([tmp_path / "results"], tmp_path / "site", contributing=None)
+    html = (tmp_path / "site" / "tasks" / "inj_organism.html").read_text()
+    cells = {m.group(1): re.sub(r"<[^>]+>", "", m.group(2)).strip() for m in re.finditer(
+        r'<tr data-method="([^"]+)".*?<td class="num paired"[^>]*>(.*?)</td>', html, re.S)}
+    assert cells == {"slimming": "—", "activations": "-0.15 ± 0.05 *", "random": "-0.3 ± 0.058 *"}
+    assert 'title="activations − slimming over 3 shared items"' in html
+
+
 def test_committed_fixtures_match_generator(tmp_path):
     mf.main(tmp_path)
     for name in ("set_a", "set_b"):

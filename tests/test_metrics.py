@@ -65,6 +65,22 @@ def test_average_precision_and_auc_by_hand():
     assert M.roc_auc(scores, gold) == pytest.approx(0.75)
 
 
+def test_paired_difference_by_hand():
+    # shared items x, y, z: differences 1, 0, 2 -> mean 1, sample sd 1, stderr 1/sqrt(3); w is only in a,
+    # v has no finite value in b: both are left out
+    a = {"x": 1.0, "y": 2.0, "z": 3.0, "w": 9.0, "v": 1.0}
+    b = {"x": 0.0, "y": 2.0, "z": 1.0, "v": float("nan")}
+    mean, se, n = M.paired_difference(a, b)
+    assert (mean, n) == (1.0, 3) and se == pytest.approx(1 / math.sqrt(3))
+    # the paired stderr is far below the marginal ones when items differ in difficulty
+    hard_easy_a = {i: float(i) + 0.1 for i in range(10)}
+    hard_easy_b = {i: float(i) for i in range(10)}
+    mean, se, _ = M.paired_difference(hard_easy_a, hard_easy_b)
+    assert mean == pytest.approx(0.1) and se == pytest.approx(0.0, abs=1e-12)
+    assert M.mean_stderr(hard_easy_a.values())[1] > 0.9
+    assert M.paired_difference({"x": 1.0}, {"y": 1.0})[2] == 0
+
+
 def test_mean_stderr_by_hand():
     mean, se = M.mean_stderr([1.0, 2.0, 3.0, 4.0])
     assert mean == 2.5

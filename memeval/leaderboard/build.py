@@ -22,6 +22,7 @@ import jinja2
 from markupsafe import Markup
 
 from memeval.errors import UsageError
+from memeval.metrics import paired_difference
 
 from .plots import task_plots
 from .validate import RECORDS, SUMMARY, ResultSet, find_result_sets, load_result_set
@@ -43,6 +44,12 @@ class Row:
     note: str = ""
     superseded: list[str] = field(default_factory=list)
     prov: dict[str, str] = field(default_factory=dict)
+    paired: dict[str, Any] | None = None  # primary metric minus the row ranked just above it, per shared item
+
+    def item_values(self, metric: str) -> dict[str, Any]:
+        """The per-item values of ``metric`` in this row's records (item as JSON → value)."""
+        per_item = self.rs.item_metrics.get((self.method, self.task, self.r["config_hash"]), {})
+        return {item: mets.get(metric) for item, mets in per_item.items()}
 
     @property
     def method(self) -> str:
@@ -206,6 +213,20 @@ def rank(tasks: dict, rows: dict[tuple[str, str], Row]) -> dict[str, list[Row]]:
     return out
 
 
+def pair_with_rank_above(tasks: dict, per_task: dict[str, list[Row]]) -> None:
+    """Set ``row.paired`` for every ranked row below the first: the paired difference of the primary metric
+    to the row ranked just above it (:func:`memeval.metrics.paired_difference`), and whether it is more than
+    two standard errors from zero (``separated``). Rows from different task versions are never compared."""
+    for name, rows in per_task.items():
+        primary = tasks[name]["primary"]
+        ranked = [r for r in rows if r.rank is not None]
+        for above, row in zip(ranked, ranked[1:]):
+            mean, se, n = paired_difference(row.item_values(primary), above.item_values(primary))
+            if n >= 2:
+                row.paired = {"mean": mean, "stderr": se, "n": n, "above": above.method,
+                              "separated": abs(mean) > 2 * se}
+
+
 def group_of(task: dict) -> str:
     tags = task.get("tags") or []
     return tags[0] if tags else task["protocol"]
@@ -260,6 +281,7 @@ def build_site(results_dirs: list[Path], out: Path, contributing: Path | None = 
     set_ids = [slugify(f"{i:02d}-{rs.path.resolve().name}", used) for i, rs in enumerate(sets, 1)]
     methods, tasks, rows, notes = merge(sets, set_ids)
     per_task = rank(tasks, rows)
+    pair_with_rank_above(tasks, per_task)
     mslug = {m: slugify(m, used) for m in sorted(methods)}
     tslug = {t: slugify(t, used) for t in sorted(tasks)}
 

@@ -54,6 +54,8 @@ class ResultSet:
     date: datetime
     records: int = 0
     notes: list[str] = field(default_factory=list)
+    # (method, task, config_hash) -> item (as JSON) -> that item's metrics, from the record the store counts
+    item_metrics: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def summary_path(self) -> Path:
@@ -238,6 +240,7 @@ def load_result_set(path: Path) -> ResultSet:
     rc = _Checker(rfile)
     counts: dict[tuple[str, str, str], int] = {}
     items: set[tuple[str, str, str, str]] = set()
+    per_item: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
     nrec = 0
     with rfile.open(encoding="utf-8") as fh:
         for ln, line in enumerate(fh, 1):
@@ -264,6 +267,7 @@ def load_result_set(path: Path) -> ResultSet:
                 if ik not in items:
                     items.add(ik)
                     counts[(m, t, h)] = counts.get((m, t, h), 0) + 1
+                    per_item.setdefault((m, t, h), {})[ik[3]] = mets
             elif "error" in rec:
                 rc.get(rec, "error", where, "a string")
             else:
@@ -279,7 +283,8 @@ def load_result_set(path: Path) -> ResultSet:
             c.fail(f"results[{i}].n", f"expected n + errors = {total} (tasks{_key(r['task'])}.n_items), got "
                    f"{r['n']} + {r['errors']}: an incomplete run is not published")
 
-    return ResultSet(path=path, meta=meta, methods=methods, tasks=tasks, results=results, date=date, records=nrec)
+    return ResultSet(path=path, meta=meta, methods=methods, tasks=tasks, results=results, date=date, records=nrec,
+                     item_metrics=per_item)
 
 
 def find_result_sets(root: Path) -> list[Path]:
