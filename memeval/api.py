@@ -191,8 +191,8 @@ def coerce_value(value: Any, tp: Any, where: str) -> Any:
                 errors.append(str(e))
         raise UsageError(errors[0] if errors else f"{where}: bad value {value!r}")
     if origin in (list, tuple):
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
+        if isinstance(value, str):  # "1,2", "[1, 2]" or "[]" from the command line
+            value = [v.strip() for v in value.strip().removeprefix("[").removesuffix("]").split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise UsageError(f"{where}: expected a list, got {value!r}")
         (inner, *_) = typing.get_args(tp) or (Any,)

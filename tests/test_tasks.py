@@ -90,3 +90,14 @@ def test_validate_command_exit_codes(tmp_path, capsys):
 def test_shipped_tasks_validate():
     root = Path(__file__).resolve().parent.parent / "tasks"
     assert main(["validate", str(root)]) == 0
+
+
+def test_list_overrides_parse_from_the_command_line_forms():
+    from memeval.api import coerce_value
+
+    for text in ("1,2", "[1, 2]", " [1,2] "):
+        assert coerce_value(text, tuple[int, ...], "m.layers") == (1, 2)
+    assert coerce_value("[]", tuple[int, ...], "m.layers") == ()
+    assert coerce_value("0", list[int], "m.layers") == [0]
+    with pytest.raises(UsageError, match=r"m\.layers: expected an integer, got 'a'"):
+        coerce_value("[1, a]", tuple[int, ...], "m.layers")
