@@ -15,17 +15,26 @@ import torch
 import memeval
 
 
+BUILD_COMMIT = Path(memeval.__file__).resolve().parent / "_build_commit.txt"  # written by setup.py at build time
+
+
 def git_commit() -> str:
-    """The commit of the memeval source in use: its git checkout, else ``MEMEVAL_GIT_COMMIT``, else 'unknown'."""
+    """The commit of the memeval source in use: the one recorded when the installed package was built (a
+    ``pip install .``), else the git checkout memeval runs from (an editable install or a source tree), else
+    ``MEMEVAL_GIT_COMMIT``, else 'unknown'."""
+    if BUILD_COMMIT.is_file() and BUILD_COMMIT.read_text().strip():
+        return BUILD_COMMIT.read_text().strip()
     here = Path(memeval.__file__).resolve().parent.parent
-    try:
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        if out.returncode == 0 and out.stdout.strip():
-            dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=5).stdout.strip()
-            return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
+    if (here / "pyproject.toml").is_file():  # a source tree, not site-packages inside some other repository
+        try:
+            out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                 timeout=5)
+            if out.returncode == 0 and out.stdout.strip():
+                dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                                       capture_output=True, text=True, timeout=5).stdout.strip()
+                return out.stdout.strip() + ("-dirty" if dirty else "")
+        except (OSError, subprocess.SubprocessError):
+            pass
     return os.environ.get("MEMEVAL_GIT_COMMIT", "unknown")
 
 

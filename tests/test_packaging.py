@@ -27,3 +27,8 @@ def test_wheel_contains_methods_tasks_and_site_assets(tmp_path):
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "[memeval]" in text and "memeval_methods.random_localizer" in text
+    # the source's commit travels inside the wheel, for provenance without a git checkout
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        recorded = zipfile.ZipFile(wheel).read("memeval/_build_commit.txt").decode().strip()
+        assert recorded.removesuffix("-dirty") == head.stdout.strip()
