@@ -34,7 +34,8 @@ def one(args) -> dict:
     torch.set_num_threads(args.threads)
     from memeval.api import SequenceSet, TokenSequence
     from memeval.models import NeuronModel, load_model
-    from memeval_methods._editing import get_weight, mlp_matrices, set_weight
+    from memeval.models import set_weight_out_in, weight_out_in
+    from memeval_methods._editing import mlp_matrices
     from memeval_methods.kfac_curvature import collect_factors, eigh_desc, kfac_edit_weight
 
     if args.model == "organism":
@@ -73,8 +74,8 @@ def one(args) -> dict:
     for l in layers:
         for name, module in mlp_matrices(edited, l).items():
             e = eig[f"{l}.{name}"]
-            new, _ = kfac_edit_weight(get_weight(module).detach(), e["G"], e["A"], 0.8)
-            set_weight(module, new)
+            new, _ = kfac_edit_weight(weight_out_in(module).detach(), e["G"], e["A"], 0.8)
+            set_weight_out_in(module, new)
     t3 = time.perf_counter()
     return {"model": args.model, "d_model": model.hidden_size, "neurons": model.num_neurons,
             "layers_edited": len(layers), "matrices": len(fac), "tokens": int(next(iter(fac.values()))["tokens"]),

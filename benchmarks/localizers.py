@@ -286,7 +286,6 @@ def main(argv=None) -> None:
           f"{os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.1f} at start", flush=True)
 
-    saved = (args.ref_layers, args.ref_zero_chunks)
     if args.model != "none":
         model, given = load_bench_model(args.model, args.build)
         seqs = make_sequences(model, args.n_seq, args.prefix, args.suffix, given)
@@ -304,7 +303,6 @@ def main(argv=None) -> None:
               f"{len(seqs)} sequences of {min(len(s.input_ids) for s in seqs)}-{max(len(s.input_ids) for s in seqs)} "
               f"tokens (prefix {seqs[0].prefix_len}); Slimming/HardConcrete max_steps {args.gpt2_mask_steps}")
         bench_model(model, seqs, methods, classes, args, {"slimming": steps, "hardconcrete": steps})
-    args.ref_layers, args.ref_zero_chunks = saved
 
 
 if __name__ == "__main__":

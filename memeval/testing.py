@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from dataclasses import dataclass
@@ -104,6 +105,17 @@ def build_tiny_model(arch: str, path: Path, seed: int = 0, vocab_size: int = 128
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def write_memorized_jsonl(path: Path, n: int, generator: torch.Generator, length: int = 14, prefix_len: int = 6,
+                          vocab_size: int = 120) -> list[TokenSequence]:
+    """Write ``n`` random token sequences as a memorized-sequence file (one ``{"input_ids", "prefix_len"}`` JSON
+    object per line, the format of ``data.path`` in deletion/specificity tasks) and return them (ids m0, m1, …)."""
+    seqs = [TokenSequence(f"m{i}", tuple(torch.randint(1, vocab_size, (length,), generator=generator).tolist()),
+                          prefix_len) for i in range(n)]
+    path.write_text("".join(json.dumps({"input_ids": list(s.input_ids), "prefix_len": prefix_len}) + "\n"
+                            for s in seqs))
+    return seqs
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Helpers shared by the editors (selective pruning, K-FAC, BalancedSubnet, gradient ascent, NPO).
 
 - the MLP matrices of a block (up/gate projections, or a fused gate/up projection, found by shape; the
-  down-projection from NeuronModel),
-  read and written as ``[out, in]`` whatever the module type (GPT-2's Conv1D stores ``[in, out]``);
+  down-projection from NeuronModel; read and write them as ``[out, in]`` with
+  ``memeval.models.weight_out_in`` / ``set_weight_out_in``, whatever the module type);
 - the general text an editor needs for statistics: the ``retain`` set, or, when a protocol gives none
   (DEL), text sampled from the model itself;
 - the causal-LM losses on a :class:`~memeval.api.Batch` with gradients.
@@ -22,7 +22,6 @@ from memeval.api import Batch, SequenceSet, TokenSequence
 from memeval.errors import UsageError
 from memeval.metrics import token_nll
 from memeval.models import NeuronModel, _conv1d_or_linear_dims
-from memeval.models import set_weight_out_in as set_weight, weight_out_in as get_weight  # noqa: F401 (re-exported)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,8 +30,8 @@ import torch
 from memeval import hookimpl
 from memeval.api import Editor, SequenceSet
 from memeval.errors import UsageError
-from memeval.models import NeuronModel
-from memeval_methods._editing import general_text, get_weight, mlp_matrices, set_digest, set_weight
+from memeval.models import NeuronModel, set_weight_out_in, weight_out_in
+from memeval_methods._editing import general_text, mlp_matrices, set_digest
 
 
 def cache_dir() -> Path:
@@ -114,7 +114,7 @@ def factor_targets(model: NeuronModel, layers: list[int], projections: list[str]
 
 
 def _dims(module) -> tuple[int, int]:
-    w = get_weight(module)
+    w = weight_out_in(module)
     return int(w.shape[0]), int(w.shape[1])
 
 
@@ -261,9 +261,9 @@ class KFACCurvature(Editor):
                     continue
                 e = eig[key]
                 dev = module.weight.device
-                new, _ = kfac_edit_weight(get_weight(module).detach(), tuple(t.to(dev) for t in e["G"]),
+                new, _ = kfac_edit_weight(weight_out_in(module).detach(), tuple(t.to(dev) for t in e["G"]),
                                           tuple(t.to(dev) for t in e["A"]), rho)
-                set_weight(module, new)
+                set_weight_out_in(module, new)
         return edited
 
 

@@ -11,7 +11,7 @@ import torch
 from memeval.api import Batch, SequenceSet, TokenSequence
 from memeval.metrics import suffix_exact_match, token_correct
 from memeval.models import load_model
-from memeval.testing import build_tiny_model
+from memeval.testing import build_tiny_model, write_memorized_jsonl
 
 WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "north", "seven", "quiet", "lamp"]
 
@@ -253,8 +253,7 @@ def test_editors_run_in_deletion_set_granularity(tiny_model_dir, tmp_path, monke
     model_dir = tiny_model_dir("gpt2")
     gen = torch.Generator().manual_seed(0)
     mem = tmp_path / "memorized.jsonl"
-    mem.write_text("".join(json.dumps({"input_ids": torch.randint(1, 120, (14,), generator=gen).tolist(),
-                                       "prefix_len": 6}) + "\n" for _ in range(6)))
+    write_memorized_jsonl(mem, 6, gen)
     torch.save(torch.randint(1, 120, (4, 20), generator=gen), tmp_path / "ppl.pt")
     tasks = tmp_path / "tasks"
     tasks.mkdir()

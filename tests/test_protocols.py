@@ -13,6 +13,7 @@ from memeval.api import Batch, Localizer, TokenSequence
 from memeval.cli import main
 from memeval.metrics import masked_mean, token_correct
 from memeval.models import load_model
+from memeval.testing import write_memorized_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -130,9 +131,8 @@ def test_deletion_metrics_equal_a_hand_computed_ablation(env):
     model_dir, tmp = env
     model = load_model(str(model_dir))
     gen = torch.Generator().manual_seed(0)
-    seqs = [TokenSequence(f"m{i}", tuple(torch.randint(1, 120, (14,), generator=gen).tolist()), 6) for i in range(6)]
     mem = tmp / "memorized.jsonl"
-    mem.write_text("".join(json.dumps({"input_ids": list(s.input_ids), "prefix_len": 6}) + "\n" for s in seqs))
+    seqs = write_memorized_jsonl(mem, 6, gen)
     ppl = tmp / "ppl.pt"
     torch.save(torch.randint(1, 120, (4, 20), generator=gen), ppl)
     tasks = tmp / "tasks"

@@ -49,6 +49,16 @@ def run(tasks: Path, out: Path, *extra: str) -> int:
                  "--include-path", str(tasks), "--output", str(out), "--device", "cpu", *extra[1:]])
 
 
+def subprocess_setup(tmp_path: Path, model_dir: Path, sequences: int) -> tuple[Path, dict[str, str]]:
+    """A toy task folder and the environment under which a ``python -m memeval.cli`` subprocess loads the
+    toy plugin (an uninstalled module registered through MEMEVAL_PLUGIN_MODULES)."""
+    plugin_dir = tmp_path / "plugin"
+    plugin_dir.mkdir()
+    (plugin_dir / "memeval_toy_plugin.py").write_text(TOY_PLUGIN_MODULE)
+    tasks = write_task(tmp_path / "tasks", model_dir, sequences=sequences)
+    return tasks, {**os.environ, "PYTHONPATH": str(plugin_dir), "MEMEVAL_PLUGIN_MODULES": "memeval_toy_plugin"}
+
+
 def load(out: Path):
     summary = json.loads((out / "summary.json").read_text())
     records = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
@@ -154,11 +164,7 @@ def test_cuda_requested_without_cuda_is_a_usage_error(toy, capsys):
 @pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tiny_model_dir, tmp_path):
     """A real process killed with SIGKILL while writing results; the re-run completes it exactly."""
-    plugin_dir = tmp_path / "plugin"
-    plugin_dir.mkdir()
-    (plugin_dir / "memeval_toy_plugin.py").write_text(TOY_PLUGIN_MODULE)
-    tasks = write_task(tmp_path / "tasks", tiny_model_dir("gpt2"), sequences=40)
-    env = {**os.environ, "PYTHONPATH": str(plugin_dir), "MEMEVAL_PLUGIN_MODULES": "memeval_toy_plugin"}
+    tasks, env = subprocess_setup(tmp_path, tiny_model_dir("gpt2"), sequences=40)
 
     def cmd(out: Path) -> list[str]:
         return [sys.executable, "-m", "memeval.cli", "--methods", "random,toy_oracle", "--tasks", "toy_task",
@@ -187,11 +193,7 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tiny_model_dir, tmp_pat
 @pytest.mark.slow
 def test_two_devices_shard_items_across_worker_processes(tiny_model_dir, tmp_path):
     """``--device cpu,cpu`` runs one worker per device on alternate items; the numbers equal one process."""
-    plugin_dir = tmp_path / "plugin"
-    plugin_dir.mkdir()
-    (plugin_dir / "memeval_toy_plugin.py").write_text(TOY_PLUGIN_MODULE)
-    tasks = write_task(tmp_path / "tasks", tiny_model_dir("gpt2"), sequences=8)
-    env = {**os.environ, "PYTHONPATH": str(plugin_dir), "MEMEVAL_PLUGIN_MODULES": "memeval_toy_plugin"}
+    tasks, env = subprocess_setup(tmp_path, tiny_model_dir("gpt2"), sequences=8)
     base = [sys.executable, "-m", "memeval.cli", "--methods", "random,toy_oracle", "--tasks", "toy_task",
             "--include-path", str(tasks)]
     one = subprocess.run([*base, "--output", str(tmp_path / "one"), "--device", "cpu"], env=env, capture_output=True)

@@ -15,6 +15,7 @@ from memeval.api import Batch, Editor, Localizer, SequenceSet, TokenSequence
 from memeval.cli import main
 from memeval.metrics import (forget_collateral_auc, loose_match, ndcg_at_k, suffix_exact_match)
 from memeval.models import load_model
+from memeval.testing import write_memorized_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -146,8 +147,7 @@ def spec_env(memeval_plugin, tiny_model_dir, tmp_path, monkeypatch):
     model_dir = tiny_model_dir("gpt2")
     gen = torch.Generator().manual_seed(0)
     mem = tmp_path / "memorized.jsonl"
-    mem.write_text("".join(json.dumps({"input_ids": torch.randint(1, 120, (14,), generator=gen).tolist(),
-                                       "prefix_len": 6}) + "\n" for _ in range(8)))
+    write_memorized_jsonl(mem, 8, gen)
     torch.save(torch.randint(1, 120, (6, 20), generator=gen), tmp_path / "heldout.pt")
     torch.save(torch.randint(1, 120, (5, 20), generator=gen), tmp_path / "retain.pt")
     facts = tmp_path / "facts.jsonl"
