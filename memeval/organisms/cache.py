@@ -33,8 +33,8 @@ def cache_key(spec: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def entry_dir(key: str) -> Path:
-    return organisms_dir() / key
+def entry_dir(key: str, root: Path | None = None) -> Path:
+    return (root or organisms_dir()) / key
 
 
 def is_complete(path: Path) -> bool:
@@ -42,9 +42,10 @@ def is_complete(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _locked(key: str) -> Iterator[None]:
-    organisms_dir().mkdir(parents=True, exist_ok=True)
-    lock_path = organisms_dir() / f".{key}.lock"
+def _locked(key: str, root: Path | None = None) -> Iterator[None]:
+    root = root or organisms_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    lock_path = root / f".{key}.lock"
     with open(lock_path, "a+") as fh:
         try:
             import fcntl
@@ -55,17 +56,18 @@ def _locked(key: str) -> Iterator[None]:
         yield
 
 
-def sweep_stale() -> int:
+def sweep_stale(root: Path | None = None) -> int:
     """Remove the temporary directories of killed builds (of any key whose lock nobody holds)."""
+    root = root or organisms_dir()
     removed = 0
-    if not organisms_dir().is_dir():
+    if not root.is_dir():
         return 0
-    for tmp in organisms_dir().glob(".tmp-*"):
+    for tmp in root.glob(".tmp-*"):
         key = tmp.name.split("-")[1]
         try:
             import fcntl
 
-            with open(organisms_dir() / f".{key}.lock", "a+") as fh:
+            with open(root / f".{key}.lock", "a+") as fh:
                 try:
                     fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError:  # a build of that key is running
@@ -77,12 +79,14 @@ def sweep_stale() -> int:
     return removed
 
 
-def build_atomically(key: str, build: Callable[[Path], None]) -> Path:
-    """Return the complete entry for ``key``, calling ``build(tmp_dir)`` first if there is none."""
-    final = entry_dir(key)
+def build_atomically(key: str, build: Callable[[Path], None], root: Path | None = None) -> Path:
+    """Return the complete entry for ``key``, calling ``build(tmp_dir)`` first if there is none.
+
+    ``root`` is the cache directory (default: the organisms directory; detection's shadow models use their own)."""
+    final = entry_dir(key, root)
     if is_complete(final):
         return final
-    with _locked(key):
+    with _locked(key, root):
         if is_complete(final):  # built by another process while we waited
             return final
         parent = final.parent
@@ -90,7 +94,7 @@ def build_atomically(key: str, build: Callable[[Path], None]) -> Path:
         for stale in [final, *parent.glob(f".tmp-{key}-*")]:
             if stale.exists():
                 shutil.rmtree(stale, ignore_errors=True)
-        sweep_stale()
+        sweep_stale(parent)
         tmp = parent / f".tmp-{key}-{os.getpid()}-{time.monotonic_ns()}"
         tmp.mkdir(parents=True)
         try:
