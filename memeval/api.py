@@ -99,6 +99,9 @@ class Method:
     kind: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    # Privileged inputs beyond those of its kind that the method needs (e.g. ("shadows",) for a detector
+    # given shadow models); recorded with its results and shown on the leaderboard.
+    requires: ClassVar[tuple[str, ...]] = ()
 
     @dataclass
     class Config:
@@ -114,6 +117,7 @@ class Method:
             "kind": cls.kind,
             "summary": cls.summary,
             "paper": cls.paper,
+            **({"requires": list(cls.requires)} if cls.requires else {}),
             "config": dataclasses.asdict(cls.Config()),
         }
 
@@ -151,12 +155,85 @@ class Predictor(Method):
         raise NotImplementedError
 
 
+@dataclass
+class LabeledSamples:
+    """The training samples of a classifier, as a detector receives them (Dentan et al. 2025 §3).
+
+    ``labels`` are the labels the model was trained on, label noise included; nothing says which samples
+    carry noise, which samples other models trained on, or what the model became at the end of training.
+    ``inputs`` is whatever the model view consumes: a float tensor ``[N, D]`` for a vector classifier,
+    a list of token-id tuples (each a prompt ending where the answer token is predicted) for a language model.
+    """
+
+    ids: list[str]
+    inputs: Any
+    labels: torch.Tensor  # [N] long, class indices 0..num_classes-1
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, rows: Sequence[int]) -> "LabeledSamples":
+        rows = list(rows)
+        inputs = self.inputs[torch.as_tensor(rows, dtype=torch.long)] if torch.is_tensor(self.inputs) \
+            else [self.inputs[i] for i in rows]
+        return LabeledSamples([self.ids[i] for i in rows], inputs, self.labels[torch.as_tensor(rows, dtype=torch.long)])
+
+
+class ClassifierModel:
+    """A classifier as a detector sees it, whatever it is underneath (an MLP, or a causal LM answering
+    one label token): hidden features at the answer position and the logits of the classes.
+
+    ``num_layers`` hidden layers are numbered ``0..num_layers-1``; ``-1`` is the last. For a causal LM,
+    ``features(samples, l)`` is the output of decoder block ``l`` at the position that predicts the
+    answer token (Dentan et al.: the token before the label) and ``class_logits`` are the logits of the
+    label tokens there; ``lm`` is the :class:`memeval.models.NeuronModel` (None for other models).
+    """
+
+    num_classes: int
+    num_layers: int
+    lm: "NeuronModel | None" = None
+
+    @property
+    def device(self) -> torch.device:
+        raise NotImplementedError
+
+    def features(self, samples: LabeledSamples, layer: int = -1) -> torch.Tensor:
+        """Hidden representation ``[N, d]`` (float) of each sample at ``layer``."""
+        raise NotImplementedError
+
+    def class_logits(self, samples: LabeledSamples) -> torch.Tensor:
+        """Logits ``[N, num_classes]`` of the class labels for each sample."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """A digest of the weights (the protocol checks that a detector leaves them unchanged)."""
+        raise NotImplementedError
+
+
+@dataclass
+class ShadowModels:
+    """Privileged information, given only to detectors that declare ``requires = ("shadows",)``:
+    other models trained like the target on random halves of the pool, at the same (early) point of
+    training, and ``membership[k, n]`` = sample ``n`` was in shadow ``k``'s training set."""
+
+    models: list[ClassifierModel]
+    membership: torch.Tensor  # [K, N] bool
+
+
 class Detector(Method):
-    """Scores each training sample's memorization risk from an early checkpoint of the model."""
+    """Scores each training sample's memorization risk from an early checkpoint of the model.
+
+    ``score(model, samples)`` receives the target model at the prediction checkpoint (a
+    :class:`ClassifierModel`) and its training samples, and returns ``[N]`` risk scores (higher = more
+    likely to be memorized at the end of training). A detector whose ``requires`` contains ``"shadows"``
+    is also given :class:`ShadowModels` (a reference method, marked as such on the leaderboard); no other
+    detector ever receives them.
+    """
 
     kind = "detector"
 
-    def score(self, model: "NeuronModel", samples: list[dict[str, Any]]) -> torch.Tensor:
+    def score(self, model: ClassifierModel, samples: LabeledSamples,
+              shadows: ShadowModels | None = None) -> torch.Tensor:
         raise NotImplementedError
 
 

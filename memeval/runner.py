@@ -231,7 +231,9 @@ class Runner:
                 summary_entries.append(self._summarize(pair, primary, directions))
                 info = self.registry.methods[pair.method_cls.name]
                 methods_meta[pair.method_cls.name] = {"kind": pair.method_cls.kind, "summary": pair.method_cls.summary,
-                                                      "paper": pair.method_cls.paper, "plugin": info.dist}
+                                                      "paper": pair.method_cls.paper, "plugin": info.dist,
+                                                      **({"requires": list(pair.method_cls.requires)}
+                                                         if pair.method_cls.requires else {})}
             tasks_meta[task.name] = {"protocol": task.protocol, "model": task.model, "version": task.version,
                                      "tags": task.tags, "description": task.description, "primary": primary,
                                      "higher_is_better": directions, "n_items": len(protocol.items())}
@@ -248,7 +250,7 @@ class Runner:
         protocol_cls = self.registry.protocols[task.protocol].obj
         protocol_cls.check_task(task)
         console.print(f"[bold]{task.name}[/bold]: preparing {task.protocol} on {task.model}")
-        model = load_model(task.model, self.device, self.dtype)
+        model = protocol_cls.load_model(task, self.device, self.dtype)
         protocol = protocol_cls(task, model, seed)
         protocol.prepare()
         directions = {**protocol.metrics(), **task.higher_is_better}
@@ -267,7 +269,7 @@ class Runner:
         pending = [i for i in items if not self.store.has((name, pair.task.name, pair.config_hash, i))]
 
         def restore() -> None:
-            fresh = load_model(pair.task.model, self.device, self.dtype)
+            fresh = protocol.load_model(pair.task, self.device, self.dtype)
             model.hf.load_state_dict(fresh.hf.state_dict())
 
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -40,6 +40,15 @@ class Protocol:
     def check_task(cls, task: "Task") -> None:
         """Fail fast (a :class:`UsageError`) on what is missing before the model is loaded, e.g. data files."""
 
+    @classmethod
+    def load_model(cls, task: "Task", device, dtype) -> "NeuronModel":
+        """The model the runner hands to the protocol (and reloads to restore weights a method changed):
+        the task's ``model`` spec loaded as a :class:`NeuronModel`. A protocol that trains its own models
+        (detection) returns a lighter handle that still has ``fingerprint()``."""
+        from memeval.models import load_model
+
+        return load_model(task.model, device, dtype)
+
     def __init__(self, task: "Task", model: "NeuronModel", seed: int) -> None:
         self.task = task
         self.model = model

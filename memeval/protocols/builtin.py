@@ -11,10 +11,11 @@ from memeval import hookimpl
 @hookimpl
 def memeval_protocols() -> list[type]:
     from memeval.protocols.deletion import DeletionProtocol
+    from memeval.protocols.detection import DetectionProtocol
     from memeval.protocols.injection import InjectionProtocol
     from memeval.protocols.specificity import SpecificityProtocol
 
-    return [InjectionProtocol, DeletionProtocol, SpecificityProtocol]
+    return [InjectionProtocol, DeletionProtocol, SpecificityProtocol, DetectionProtocol]
 
 
 @hookimpl
