@@ -344,3 +344,32 @@ def test_killed_pool_resumes_without_retraining_finished_models(tmp_path, monkey
     assert all((entries[i] / "final.pt").stat().st_mtime_ns == stamps[i] for i in finished)
     assert [p.resolve() for p in paths] == [e.resolve() for e in entries]
     assert not list(sh.detection_cache().glob(".tmp-*"))  # the killed build's debris is gone
+
+
+@pytest.mark.slow
+def test_cli_run_and_leaderboard_mark_shadow_users_and_draw_roc_curves(tmp_path):
+    """memeval runs the task end to end; the summary records early_lira's shadows; the site marks it and
+    draws the ROC curves; re-running resumes (nothing rescored)."""
+    import json
+
+    path = _task_yaml(tmp_path, TINY, name="det_cli", data="{source: digits, pool: 400}")
+    cmd = [sys.executable, "-m", "memeval.cli", "--methods", "all", "--tasks", "det_cli", "--include-path", str(path),
+           "--output", str(tmp_path / "out")]
+    env = {**os.environ, "MEMEVAL_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["methods"]["early_lira"]["requires"] == ["shadows"]
+    assert "requires" not in summary["methods"]["psmi"]
+    assert {e["method"] for e in summary["results"]} == {"psmi", "loss", "logit_gap", "mahalanobis", "early_lira"}
+    assert all(e["n"] == 8 and e["errors"] == 0 for e in summary["results"])
+    lines = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
+    r2 = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert r2.returncode == 0 and (tmp_path / "out" / "results.jsonl").read_text().splitlines() == lines
+
+    from memeval.leaderboard import build_site
+
+    build_site([tmp_path / "out"], tmp_path / "site")
+    page = (tmp_path / "site" / "tasks" / "det_cli.html").read_text()
+    assert page.count("(uses shadows)") == 1 and "det_cli-roc.svg" in page
+    assert (tmp_path / "site" / "plots" / "det_cli-roc.svg").read_text().startswith("<?xml")

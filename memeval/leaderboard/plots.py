@@ -5,7 +5,8 @@ Tolerant: each plot is drawn from whatever metrics exist in the rows and skipped
 - recall@k curves: metrics ``recall@<k>x`` (and ``global_recall@<k>x``, ``ceiling@<k>x``), INJ;
 - per-ratio bars: metrics ``<name>@<ratio>`` with a numeric ratio, DEL;
 - forget-vs-collateral curves: metrics ``<name>@budget=<b>``, specificity; the x axis is the first metric whose
-  name contains "forget", every other metric is a collateral y axis (without a forget metric: metric vs budget).
+  name contains "forget", every other metric is a collateral y axis (without a forget metric: metric vs budget);
+- ROC curves: metrics ``tpr@fpr=<x>``, detection.
 """
 
 from __future__ import annotations
@@ -178,6 +179,42 @@ def budget_curves(rows: list[dict], path: Path, order: list[str] = ()) -> bool:
     return True
 
 
+_ROC = re.compile(r"^tpr@fpr=([0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)$")
+
+
+def roc_curves(rows: list[dict], path: Path, order: list[str] = ()) -> bool:
+    """ROC curves from the metrics ``tpr@fpr=<x>`` (detection): per method the mean TPR over items at each
+    FPR of the grid (vertical averaging) ± stderr, from (0, 0) to (1, 1), and the chance diagonal."""
+    series: dict[str, list[tuple[float, float, float | None]]] = {}
+    for r in rows:
+        for name in r["metrics"]:
+            m = _ROC.match(name)
+            mean, se = _val(r, name) if m else (None, None)
+            if m and mean is not None:
+                series.setdefault(r["method"], []).append((float(m.group(1)), mean, se))
+    series = {k: sorted(v) for k, v in series.items() if len(v) >= 2}
+    if not series:
+        return False
+    fig = Figure(figsize=(5.2, 4.4))
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle=":", label="chance")
+    for i, (method, pts) in enumerate(series.items()):
+        xs, ys = [0.0] + [p[0] for p in pts] + [1.0], [0.0] + [p[1] for p in pts] + [1.0]
+        se = [0.0] + [p[2] or 0.0 for p in pts] + [0.0]
+        color = f"C{i % 10}"
+        ax.plot(xs, ys, color=color, marker="o", markersize=3, label=_label(method))
+        ax.fill_between(xs, [y - s for y, s in zip(ys, se)], [y + s for y, s in zip(ys, se)], color=color, alpha=0.15)
+    ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("false-positive rate (symlog)")
+    ax.set_ylabel("true-positive rate")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    _save(fig, path)
+    return True
+
+
 PLOTS = (
     ("recall", recall_curve, "recall@k curves",
      "Per-layer recall@k (solid) and global recall@k (dotted) of the injected neurons, mean ± stderr; dashed: the per-layer top-k ceiling."),
@@ -185,6 +222,8 @@ PLOTS = (
      "Mean change of each metric after zeroing the top-ranked neurons, by ratio of neurons per layer (± stderr)."),
     ("budget", budget_curves, "forget-vs-collateral curves",
      "Each point is one budget of the sweep: forgetting achieved (x) against the collateral damage (y)."),
+    ("roc", roc_curves, "ROC curves",
+     "True-positive rate of the memorized samples at fixed false-positive rates, mean over targets ± stderr (shaded)."),
 )
 
 

@@ -180,6 +180,7 @@ def load_result_set(path: Path) -> ResultSet:
         c.get(m, "kind", where, "a non-empty string")
         for k in ("summary", "paper", "plugin"):
             c.get(m, k, where, "a string", required=False, nullable=True)
+        c.get(m, "requires", where, "a list of strings", required=False)  # privileged inputs, e.g. ["shadows"]
 
     # --- tasks
     tasks = c.get(doc, "tasks", "", "an object")
