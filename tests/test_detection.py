@@ -373,3 +373,34 @@ def test_cli_run_and_leaderboard_mark_shadow_users_and_draw_roc_curves(tmp_path)
     page = (tmp_path / "site" / "tasks" / "det_cli.html").read_text()
     assert page.count("(uses shadows)") == 1 and "det_cli-roc.svg" in page
     assert (tmp_path / "site" / "plots" / "det_cli-roc.svg").read_text().startswith("<?xml")
+
+
+@pytest.mark.slow
+def test_organism_setup_fine_tunes_a_label_token_classifier(micro_organism, tmp_path):
+    """The causal-LM setup on the micro organism: each prompt ends where the label token follows, the view
+    gives per-layer features and the four label-token logits, and the final models fit the training labels."""
+    from memeval.metrics import logit_gap as gap
+    from memeval.protocols.detection import DetectionProtocol
+    from memeval.tasks import parse_task
+
+    path = tmp_path / "det_micro.yaml"
+    path.write_text("task: det_micro\nversion: 1\nprotocol: detection\nmodel: organism:micro\n"
+                    "data: {source: organism, pool: 64, max_tokens: 12}\n"
+                    "params: {models: 5, epochs: 8, batch_size: 16, lr: 2.0e-3}\n")
+    task = parse_task(path)
+    proto = DetectionProtocol(task, DetectionProtocol.load_model(task, "cpu", torch.float32), 0)
+    proto.prepare()
+    rows = proto.membership[0].nonzero().flatten()
+    samples = proto.pool.samples(rows)
+    early = proto._early(0)
+    assert early.num_classes == 4 and early.lm is not None
+    h0, hl = early.features(samples, 0), early.features(samples, -1)
+    assert h0.shape == hl.shape == (32, early.lm.hidden_size) and not torch.allclose(h0, hl)
+    assert early.class_logits(samples).shape == (32, 4)
+    # the prompt's next token is the label: the final model puts the training label first on most members
+    final = proto.setup.view(proto.setup.load(proto.paths[0] / "final.pt"))
+    assert float((gap(final.class_logits(samples), samples.labels) > 0).float().mean()) > 0.9
+    from memeval_methods.psmi import PSMI
+
+    for m in proto.evaluate(PSMI(PSMI.Config(directions=100)), ["target-00", "target-01"]):
+        assert m["auc"] is None or 0 <= m["auc"] <= 1
