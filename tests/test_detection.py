@@ -404,3 +404,17 @@ def test_organism_setup_fine_tunes_a_label_token_classifier(micro_organism, tmp_
 
     for m in proto.evaluate(PSMI(PSMI.Config(directions=100)), ["target-00", "target-01"]):
         assert m["auc"] is None or 0 <= m["auc"] <= 1
+
+
+def test_early_lira_on_final_checkpoints_reproduces_the_ground_truth(tiny_protocol, monkeypatch):
+    """Given the final models instead of the early ones, early_lira computes the ground truth itself: AUC 1
+    (a check of the shadows' membership plumbing); at the real early checkpoint it is below that."""
+    from memeval.shadows import FINAL
+    from memeval_methods.early_lira import EarlyLiRA
+
+    p = tiny_protocol
+    early = [m["auc"] for m in p.evaluate(EarlyLiRA(), ["target-00", "target-03"])]
+    monkeypatch.setattr(p, "_early", lambda i: p.setup.view(p.setup.load(p.paths[i] / f"{FINAL}.pt")))
+    final = [m["auc"] for m in p.evaluate(EarlyLiRA(), ["target-00", "target-03"])]
+    assert final == [1.0, 1.0]
+    assert all(e < 1.0 for e in early)
