@@ -418,3 +418,16 @@ def test_early_lira_on_final_checkpoints_reproduces_the_ground_truth(tiny_protoc
     final = [m["auc"] for m in p.evaluate(EarlyLiRA(), ["target-00", "target-03"])]
     assert final == [1.0, 1.0]
     assert all(e < 1.0 for e in early)
+
+
+def test_readme_detector_example_runs(tiny_protocol):
+    """The detector example of README's detection section, executed as written and scored."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("**A-priori detection**"):readme.index("## Model organisms")]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    scope: dict = {}
+    exec(code, scope)
+    metrics = tiny_protocol.evaluate(scope["Entropy"](), ["target-01"])[0]
+    assert 0.0 <= metrics["auc"] <= 1.0 and metrics["precision@k"] is not None
