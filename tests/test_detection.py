@@ -302,8 +302,12 @@ def test_detector_that_edits_weights_is_an_error(tiny_protocol):
                 next(model.module.parameters()).add_(1.0)
             return torch.zeros(len(samples))
 
+    p = tiny_protocol
     with pytest.raises(RuntimeError, match="modified the model"):
-        tiny_protocol.evaluate(Vandal(), ["target-00"])
+        p.evaluate(Vandal(), ["target-00"])
+    # the damaged copy is dropped: the next detector gets the checkpoint as saved
+    fresh = p.setup.view(p.setup.load(p.paths[0] / "early.pt"))
+    assert p._early(0).fingerprint() == fresh.fingerprint()
 
 
 KILL_SCRIPT = """

@@ -234,7 +234,22 @@ class DetectionProtocol(Protocol):
         return "auc"
 
     def _early(self, index: int):
-        return self.setup.view(self.setup.load(self.paths[index] / f"{EARLY}.pt", self.model.device))
+        """Model ``index`` at its prediction checkpoint, loaded once and kept (with its fingerprint)."""
+        cache = self.__dict__.setdefault("_early_views", {})
+        if index not in cache:
+            view = self.setup.view(self.setup.load(self.paths[index] / f"{EARLY}.pt", self.model.device))
+            cache[index] = (view, view.fingerprint())
+        return cache[index][0]
+
+    def _check_unchanged(self, indices: list[int]) -> None:
+        """A detector must leave every model it was given as it was: a changed one is dropped (reloaded
+        on next use) and the item fails."""
+        cache = self.__dict__.get("_early_views", {})
+        changed = [i for i in indices if i in cache and cache[i][0].fingerprint() != cache[i][1]]
+        for i in changed:
+            del cache[i]
+        if changed:
+            raise RuntimeError("the detector modified the model's weights (fingerprint changed)")
 
     def evaluate(self, method: Method, item_ids: list[str]) -> list[dict[str, float | None]]:
         out = []
@@ -243,15 +258,15 @@ class DetectionProtocol(Protocol):
             truth = self.truth[t]
             samples = self.pool.samples(truth["rows"])
             model = self._early(t)
-            before = model.fingerprint()
+            given_to = [t]
             if "shadows" in getattr(method, "requires", ()):
                 shadows = self.shadows_of(t)
+                given_to += shadows
                 given = ShadowModels([self._early(s) for s in shadows], self.membership[shadows][:, truth["rows"]])
                 scores = method.score(model, samples, given)
             else:
                 scores = method.score(model, samples)
-            if model.fingerprint() != before:
-                raise RuntimeError("the detector modified the model's weights (fingerprint changed)")
+            self._check_unchanged(given_to)
             scores = torch.as_tensor(scores).detach().float().cpu().flatten()
             if scores.shape[0] != len(samples):
                 raise RuntimeError(f"score returned {scores.shape[0]} scores for {len(samples)} samples")
