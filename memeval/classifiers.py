@@ -146,6 +146,14 @@ def _base_lm(spec: str, dtype: str):
     return nm.hf, nm.tokenizer
 
 
+@functools.lru_cache(maxsize=2)
+def _base_fingerprint(spec: str, dtype: str) -> str:
+    from memeval.models import NeuronModel
+
+    hf, tok = _base_lm(spec, dtype)
+    return NeuronModel(copy.deepcopy(hf), tok, spec).fingerprint()
+
+
 def _pad(inputs: list[tuple[int, ...]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ids, attention mask and the index of each row's last real token."""
     width = max(len(s) for s in inputs)
@@ -219,6 +227,7 @@ class LMSetup(Setup):
     def spec(self) -> dict:
         d = super().spec()
         d["device"] = torch.device(self.device).type
+        d["base"] = _base_fingerprint(self.model, self.dtype)  # the base weights, not only their name
         if self.path:  # the data's content, not where it sits
             d["path"] = hashlib.sha256(Path(self.path).read_bytes()).hexdigest()[:16]
         return d
