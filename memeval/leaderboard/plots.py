@@ -197,7 +197,8 @@ def roc_curves(rows: list[dict], path: Path, order: list[str] = ()) -> bool:
         return False
     fig = Figure(figsize=(5.2, 4.4))
     ax = fig.add_subplot()
-    ax.plot([0, 1], [0, 1], color="0.6", linestyle=":", label="chance")
+    diag = [i / 1000 for i in range(1001)]  # dense: y = x is curved on the symlog axis
+    ax.plot(diag, diag, color="0.6", linestyle=":", label="chance")
     for i, (method, pts) in enumerate(series.items()):
         xs, ys = [0.0] + [p[0] for p in pts] + [1.0], [0.0] + [p[1] for p in pts] + [1.0]
         se = [0.0] + [p[2] or 0.0 for p in pts] + [0.0]
