@@ -435,3 +435,25 @@ def test_readme_detector_example_runs(tiny_protocol):
     exec(code, scope)
     metrics = tiny_protocol.evaluate(scope["Entropy"](), ["target-01"])[0]
     assert 0.0 <= metrics["auc"] <= 1.0 and metrics["precision@k"] is not None
+
+
+def test_file_pool_reads_prompts_and_labels_and_names_a_bad_row(micro_organism, tmp_path):
+    """source: file (the paper setups' format): one JSONL row per sample; the prompt's next token is the
+    label; an unknown label is a one-line error naming the file and line. The setup pickles (for workers)."""
+    import pickle
+
+    from memeval.classifiers import LMSetup
+    from memeval.shadows import Train
+
+    path = tmp_path / "pool.jsonl"
+    path.write_text("".join(f'{{"prompt": "Question {i}? Answer:", "label": "{"AB"[i % 2]}"}}\n' for i in range(12)))
+    setup = LMSetup(seed=0, n_models=5, noise=0.0, train=Train(epochs=1, batch_size=4, lr=1e-3),
+                    model="organism:micro", source="file", path=str(path), labels=("A", "B"), pool_size=0)
+    pool = setup.pool()
+    assert len(pool) == 12 and pool.labels.tolist() == [i % 2 for i in range(12)] and pool.num_classes == 2
+    assert pickle.loads(pickle.dumps(setup)) == setup
+    path.write_text(path.read_text() + '{"prompt": "Q? Answer:", "label": "C"}\n')
+    bad = LMSetup(seed=1, n_models=5, noise=0.0, train=setup.train, model="organism:micro", source="file",
+                  path=str(path), labels=("A", "B"), pool_size=0)
+    with pytest.raises(UsageError, match=r"pool.jsonl:13: label 'C' is not one of \['A', 'B'\]"):
+        bad.pool()
