@@ -1,9 +1,7 @@
 """Measurement of a trained organism: which planted sequences are memorized (the DEL filters of MemPi §4,
-adapted to the organism's prefix/suffix lengths), held-out perplexity against a unigram baseline, and
-fact / arithmetic probe accuracy against chance.
-
-Exact match of a greedy continuation = every suffix token correct under teacher forcing; one forward
-pass gives it exactly, since greedy decoding follows the true tokens as long as it is right.
+adapted to the organism's prefix/suffix lengths; the one definition is :mod:`memeval.memorized`, filters 2
+and 3 on the free greedy generation), held-out perplexity against a unigram baseline, and fact /
+arithmetic probe accuracy against chance.
 """
 
 from __future__ import annotations
@@ -14,18 +12,8 @@ from typing import Any, Sequence
 
 import torch
 
-from memeval.metrics import (
-    dedup_lowest_distance,
-    del_thresholds,
-    distinct_count,
-    greedy_tokens,
-    levenshtein,
-    masked_mean,
-    passes_del_filters,
-    perplexity,
-    token_correct,
-    token_nll,
-)
+from memeval.api import TokenSequence
+from memeval.metrics import dedup_lowest_distance, greedy_tokens, perplexity, token_correct, token_nll
 
 
 @torch.no_grad()
@@ -54,37 +42,22 @@ def teacher_forced(model, seqs: Sequence[Sequence[int]], pad_id: int, batch_size
 
 def measure_sequences(model, tokenizer, items: list[dict[str, Any]], prefix_len: int, pad_id: int,
                       batch_size: int = 64) -> list[dict[str, Any]]:
-    """Add the DEL statistics to each item (which has ``input_ids``): ``suffix_acc``, ``exact``,
-    ``distance`` (characters, decoded prefix + teacher-forced greedy suffix vs reference),
-    ``distinct_true`` / ``distinct_greedy`` and ``passes`` (filters 1-3)."""
+    """Add the DEL statistics of :func:`memeval.memorized.measure` to each item (which has ``input_ids``):
+    ``suffix_acc``, ``exact``, ``distance`` (characters, decoded prefix + free greedy generation vs
+    reference), ``distinct_true`` / ``distinct_greedy`` (of the greedy generation), ``suffix_nll`` and
+    ``passes`` (filters 1-3). Every item is generated (``generate_all``), so each has a distance."""
+    from memeval.memorized import measure
+    from memeval.models import NeuronModel
+
     if not items:
         return []
-    seqs = [it["input_ids"] for it in items]
-    suffix_len = len(seqs[0]) - prefix_len
-    th = del_thresholds(suffix_len)
-    results = teacher_forced(model, seqs, pad_id, batch_size)
+    seqs = [TokenSequence(str(it["id"]), tuple(it["input_ids"]), prefix_len) for it in items]
+    stats = measure(NeuronModel(model, tokenizer), seqs, batch_size, generate_all=True)
     out = []
-    for it, res in zip(items, results):
-        ids = list(it["input_ids"])
-        mask = torch.zeros(1, len(ids), dtype=torch.bool)
-        mask[0, prefix_len:] = True
-        acc = float(masked_mean(torch.tensor([res["correct"]]), mask)[0])
-        greedy_suffix = res["greedy"][prefix_len:]
-        true_suffix = ids[prefix_len:]
-        generated = tokenizer.decode(ids[:prefix_len] + greedy_suffix)
-        reference = tokenizer.decode(ids)
-        dist = levenshtein(generated, reference)
+    for it, st in zip(items, stats):
         row = dict(it)
-        row.update(
-            prefix_len=prefix_len,
-            suffix_acc=acc,
-            exact=bool(all(res["correct"][prefix_len:])),
-            distance=dist,
-            distinct_true=distinct_count(true_suffix),
-            distinct_greedy=distinct_count(greedy_suffix),
-            suffix_nll=float(sum(res["nll"][prefix_len:]) / len(true_suffix)),
-            passes=passes_del_filters(acc, greedy_suffix, true_suffix, dist, **th),
-        )
+        row.update(prefix_len=prefix_len, **{k: st[k] for k in ("suffix_acc", "exact", "distance", "distinct_true",
+                                                                  "distinct_greedy", "suffix_nll", "passes")})
         out.append(row)
     return out
 

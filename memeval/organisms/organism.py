@@ -20,6 +20,10 @@ from memeval.organisms.presets import PRESETS, Preset, check, model_config
 from memeval.organisms.train import (available_cores, batch_order, deterministic_cpu, pack, train,
                                      training_threads)
 
+#: bumped whenever what decides the memorized set (memeval.memorized) or the stored measurements change, so
+#: cached organisms built by older code are re-measured (v2: filters 2-3 on the free greedy generation)
+MEASURE_VERSION = 2
+
 MEMORIZED_KEYS = ("id", "kind", "duplicates", "input_ids", "prefix_len", "suffix_acc", "distance")
 
 
@@ -29,7 +33,7 @@ def organism_key(preset: Preset, arch: str, seed: int) -> str:
     # the transformers major version changes weight init and module layout, hence the weights
     # (read from the package metadata: importing transformers would make a cache hit slow)
     return cache.cache_key({"preset": preset.to_dict(), "arch": arch, "seed": seed,
-                            "transformers": version("transformers").split(".")[0]})
+                            "measure": MEASURE_VERSION, "transformers": version("transformers").split(".")[0]})
 
 
 def _dump_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -213,7 +217,8 @@ def build_organism(preset: Preset, arch: str, seed: int, out: Path, progress: bo
             "model_flops_per_second": 6 * params * stats.tokens_per_second, "threads": torch.get_num_threads(),
             "prefix_len": preset.prefix_len, "suffix_len": preset.suffix_len,
             "filters": {**del_thresholds(preset.suffix_len),
-                        "dedup": "5-gram Jaccard > 0.05, lowest distance kept"},
+                        "dedup": "5-gram Jaccard > 0.05, lowest distance kept",
+                        "distinct_and_distance_on": "greedy generation"},
             "planted": len(planted),
             "passes_filters": sum(m["passes"] for m in measured),
             "memorized": len(memorized),
