@@ -5,7 +5,8 @@
     memeval ls methods | memeval ls tasks [--json]
     memeval validate tasks/del/*.yaml
     memeval leaderboard build results/ --out site/
-    memeval organism build tiny | memeval organism info tiny --json
+    memeval organism build tiny | memeval organism info tiny --json | memeval organism export tiny --out DIR
+    memeval memorized extract --model DIR --texts texts.jsonl --out memorized/
     memeval plugins
 
 Exit codes: 0 success, 1 some items failed (recorded in results.jsonl), 2 usage or configuration error
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from memeval.errors import UsageError
 
-SUBCOMMANDS = ("run", "ls", "validate", "leaderboard", "organism", "plugins")
+SUBCOMMANDS = ("run", "ls", "validate", "leaderboard", "organism", "memorized", "plugins")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,6 +80,25 @@ def build_parser() -> argparse.ArgumentParser:
         o.add_argument("--seed", type=int, default=0)
         if name == "info":
             o.add_argument("--json", action="store_true")
+    o = org_sub.add_parser("export", help="write the organism as a plain Hugging Face directory with its training texts")
+    o.add_argument("preset")
+    o.add_argument("--arch", default="gpt_neox")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--out", type=Path, required=True)
+
+    mem = sub.add_parser("memorized", help="find the sequences a model memorized (MemPi's DEL filters)")
+    mem_sub = mem.add_subparsers(dest="mem_command", parser_class=_Parser, required=True)
+    ex = mem_sub.add_parser("extract", help="windows of k+l tokens from a JSONL of texts through the filters")
+    ex.add_argument("--model", required=True, help="hf:repo[@rev], a local directory, or organism:<preset>")
+    ex.add_argument("--texts", type=Path, required=True, help='JSONL with one {"text": ...} per line')
+    ex.add_argument("--out", type=Path, required=True, help="output directory")
+    ex.add_argument("-k", "--prefix", type=int, default=32, help="prefix tokens k (default 32, MemPi)")
+    ex.add_argument("-l", "--suffix", type=int, default=48, help="suffix tokens l (default 48, MemPi)")
+    ex.add_argument("--stride", type=int, default=None, help="tokens between window starts (default k + l)")
+    ex.add_argument("-b", "--batch-size", type=int, default=32)
+    ex.add_argument("--limit", type=int, default=None, help="measure at most N windows")
+    ex.add_argument("--device", default="auto")
+    ex.add_argument("--dtype", default="auto")
 
     sub.add_parser("plugins", help="list loaded plugins as JSON")
     return parser
@@ -136,8 +156,19 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_memorized(args: argparse.Namespace) -> int:
+    from memeval.extraction import ExtractConfig, extract_command
+
+    cfg = ExtractConfig(prefix_len=args.prefix, suffix_len=args.suffix, stride=args.stride,
+                        batch_size=args.batch_size, limit=args.limit)
+    return extract_command(args.model, args.texts, args.out, cfg, args.device, args.dtype)
+
+
 def cmd_organism(args: argparse.Namespace) -> int:
     from memeval.organisms import cli as organism_cli
+
+    if args.org_command == "export":
+        return organism_cli.export_command(args.preset, args.arch, args.seed, args.out)
 
     if args.org_command == "build":
         return organism_cli.build_command(args.preset, args.arch, args.seed)
@@ -175,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_leaderboard(args)
         if args.command == "organism":
             return cmd_organism(args)
+        if args.command == "memorized":
+            return cmd_memorized(args)
         return cmd_plugins()
     except UsageError as e:
         print(f"memeval: error: {e}", file=sys.stderr)

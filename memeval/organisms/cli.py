@@ -1,9 +1,10 @@
-"""Functions behind ``memeval organism build|info`` (argument parsing lives in ``memeval.cli``)."""
+"""Functions behind ``memeval organism build|info|export`` (argument parsing lives in ``memeval.cli``)."""
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from memeval.organisms.organism import get_organism
 from memeval.organisms.presets import check
@@ -53,4 +54,15 @@ def info_command(preset: str, arch: str = "gpt_neox", seed: int = 0, as_json: bo
             v = ", ".join(f"{a}: {b:.3g}" if isinstance(b, float) else f"{a}: {b}" for a, b in v.items())
         table.add_row(k, str(v))
     Console().print(table)
+    return 0
+
+
+def export_command(preset: str, arch: str, seed: int, out: Path) -> int:
+    """Export an organism as a plain Hugging Face directory with its training texts."""
+    check(preset, arch)
+    org = get_organism(preset, arch, seed)
+    org.export(out)
+    print(f"organism {preset}:{arch}@{seed} exported to {out}: model + tokenizer, train.jsonl "
+          f"({org.manifest['documents']} documents), organism_memorized.jsonl ({len(org.memorized)} sequences, "
+          f"prefix {org.prefix_len} + suffix {org.suffix_len} tokens)")
     return 0

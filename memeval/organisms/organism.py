@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from memeval.errors import UsageError
 from memeval.metrics import del_thresholds
 from memeval.organisms import cache
 from memeval.organisms.corpus import build_corpus
@@ -23,6 +24,9 @@ from memeval.organisms.train import (available_cores, batch_order, deterministic
 #: bumped whenever what decides the memorized set (memeval.memorized) or the stored measurements change, so
 #: cached organisms built by older code are re-measured (v2: filters 2-3 on the free greedy generation)
 MEASURE_VERSION = 2
+
+#: organism files that are measurements, not part of a Hugging Face model directory
+_NOT_EXPORTED = {"organism.json", "planted.jsonl", "controls.jsonl", "memorized.jsonl", "probes.json", "memorization.png"}
 
 MEMORIZED_KEYS = ("id", "kind", "duplicates", "input_ids", "prefix_len", "suffix_acc", "distance")
 
@@ -349,6 +353,24 @@ class Organism:
     def train_documents(self) -> list[dict[str, Any]]:
         """Every training document in stream order: ``{"doc", "kind", "planted_id", "text"}``."""
         return _load_jsonl(self.path / "corpus" / "train.jsonl")
+
+    def export(self, out: Path) -> Path:
+        """Write the final model as a plain Hugging Face directory (weights, config, tokenizer) into ``out``
+        with ``train.jsonl`` (``{"text"}`` per training document, in stream order: what the model was
+        trained on) and ``organism_memorized.jsonl`` (the organism's memorized set: ``id, text, input_ids,
+        prefix_len``), so the organism can be used as a user's own model would be."""
+        out = Path(out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UsageError(f"--out {out}: exists and is not an empty directory")
+        out.mkdir(parents=True, exist_ok=True)
+        for f in self.path.iterdir():
+            if f.is_file() and f.name not in _NOT_EXPORTED:
+                shutil.copy2(f, out / f.name)
+        _dump_jsonl(out / "train.jsonl", [{"text": d["text"]} for d in self.train_documents()])
+        _dump_jsonl(out / "organism_memorized.jsonl",
+                    [{"id": m["id"], "text": m["text"], "input_ids": m["input_ids"], "prefix_len": m["prefix_len"]}
+                     for m in self.memorized])
+        return out
 
     def load(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         """The final model as a :class:`memeval.models.NeuronModel`."""
