@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -212,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"memeval: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`memeval ls methods | head`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("memeval: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

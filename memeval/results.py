@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
+from memeval.errors import UsageError
 from memeval.metrics import mean_stderr
 
 Key = tuple[str, str, str, str]  # (method, task, config_hash, item)
@@ -31,6 +32,9 @@ class ResultsStore:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.records: dict[Key, dict[str, Any]] = {}
+        for folder in (self.path.parent, *self.path.parent.parents):
+            if folder.exists() and not folder.is_dir():
+                raise UsageError(f"--output {self.path.parent}: {folder} exists and is not a directory")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._load()
 
@@ -106,10 +110,14 @@ def _finite(x: float) -> float | None:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it into place."""
+    """Write JSON to a temporary file beside ``path`` and rename it into place (mode 0644 less the umask,
+    like any file the process creates; ``mkstemp`` alone would leave 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=False)
         f.write("\n")

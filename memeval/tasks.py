@@ -113,9 +113,11 @@ def _plain(node: _Node) -> Any:
 def read_yaml(path: Path) -> _Node:
     where = str(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise UsageError(f"{where}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{where}: not UTF-8 text (byte {e.start}); a task file is a UTF-8 YAML mapping") from None
     try:
         root = yaml.compose(text, Loader=_Loader)
     except yaml.YAMLError as e:
