@@ -192,3 +192,26 @@ def get_registry() -> Registry:
         reg.task_dirs.append(Provided(Path(path), plugin, dist))
     _registry = reg
     return reg
+
+
+def method_version(name: str, registry: Registry | None = None) -> str:
+    """What identifies the code of method ``name``: its distribution's version (memeval's for built-ins)
+    plus a digest of the source file that defines its class, so a new release of a plugin, or an edit to a
+    method under development, never reuses results scored by the old code (``<version>+<digest>``)."""
+    import hashlib
+    import inspect
+    from importlib.metadata import PackageNotFoundError, version
+
+    registry = registry or get_registry()
+    provided = registry.methods[name]
+    cls = provided.obj
+    try:
+        dist_version = version(provided.dist)
+    except (PackageNotFoundError, ValueError):
+        dist_version = str(getattr(cls, "version", "") or "unversioned")
+    try:
+        source = inspect.getsource(inspect.getmodule(cls) or cls)
+    except (OSError, TypeError):
+        source = ""
+    return f"{dist_version}+{hashlib.sha256(source.encode()).hexdigest()[:8]}"
+

@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from memeval.api import Method, build_config
 from memeval.errors import UsageError, closest
 from memeval.models import NeuronModel, load_model, resolve_device, resolve_dtype
-from memeval.plugins import Registry, get_registry
+from memeval.plugins import Registry, get_registry, method_version
 from memeval.protocols import Protocol
 from memeval.provenance import run_metadata
 from memeval.results import ResultsStore, aggregate, write_json_atomic
@@ -102,10 +102,13 @@ def parse_method_overrides(items: list[str], registry: Registry) -> dict[str, di
     return out
 
 
-def config_hash(task: Task, method_name: str, config: Any, dtype: torch.dtype, device: torch.device) -> str:
-    """Hash of everything that determines a pair's numbers (batch size and --limit excluded: they don't)."""
+def config_hash(task: Task, method_name: str, config: Any, dtype: torch.dtype, device: torch.device,
+                method_version: str = "") -> str:
+    """Hash of everything that determines a pair's numbers (batch size and --limit excluded: they don't),
+    the method's code included (:func:`memeval.plugins.method_version`)."""
     blob = json.dumps({"task": task.definition(), "method": method_name, "config": dataclasses.asdict(config),
-                       "dtype": str(dtype), "device": device.type}, sort_keys=True, default=str)
+                       "method_version": method_version, "dtype": str(dtype), "device": device.type},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -209,7 +212,8 @@ class Runner:
             overrides = {**task.method_config.get(cls.name, {}), **self.overrides.get(cls.name, {})}
             where = f"{task.path}:{task.method_config_lines.get(cls.name, task.line)}"
             config = build_config(cls, overrides, where if cls.name not in self.overrides else "--method-config")
-            pairs.append(Pair(cls, config, task, config_hash(task, cls.name, config, self.dtype, self.device)))
+            version = method_version(cls.name, self.registry)
+            pairs.append(Pair(cls, config, task, config_hash(task, cls.name, config, self.dtype, self.device, version)))
         return pairs
 
     def run(self) -> int:
@@ -232,6 +236,7 @@ class Runner:
                 info = self.registry.methods[pair.method_cls.name]
                 methods_meta[pair.method_cls.name] = {"kind": pair.method_cls.kind, "summary": pair.method_cls.summary,
                                                       "paper": pair.method_cls.paper, "plugin": info.dist,
+                                                      "version": method_version(pair.method_cls.name, self.registry),
                                                       **({"requires": list(pair.method_cls.requires)}
                                                          if pair.method_cls.requires else {})}
             tasks_meta[task.name] = {"protocol": task.protocol, "model": task.model, "version": task.version,

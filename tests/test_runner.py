@@ -204,3 +204,42 @@ def test_two_devices_shard_items_across_worker_processes(tiny_model_dir, tmp_pat
     assert len(r2) == 16 and len({(r["method"], r["item"]) for r in r2}) == 16
     strip = lambda s: [{k: v for k, v in e.items() if k != "seconds_per_item"} for e in s["results"]]
     assert strip(s1) == strip(s2)
+
+
+VERSIONED_PLUGIN = '''
+from memeval import hookimpl
+from memeval.testing import ToyLocalizer
+
+
+class Versioned(ToyLocalizer):
+    name = "toy_versioned"
+    version = "{version}"
+
+
+@hookimpl
+def memeval_methods():
+    return [Versioned]
+'''
+
+
+def test_a_new_method_version_rescores_its_items(toy, memeval_plugin, tmp_path, monkeypatch):
+    """Results are never reused when the method's code changed: the config hash carries its version."""
+    import importlib
+
+    from memeval import plugins
+
+    tasks, out = toy
+    monkeypatch.syspath_prepend(str(tmp_path))
+    hashes = []
+    for i, version in enumerate(("1.0", "2.0")):
+        (tmp_path / f"memeval_versioned_{i}.py").write_text(VERSIONED_PLUGIN.format(version=version))
+        module = importlib.import_module(f"memeval_versioned_{i}")
+        memeval_plugin(module, f"versioned{i}")
+        assert run(tasks, out, "toy_versioned") == 0
+        plugins.unregister(f"versioned{i}")  # the next version replaces it, as a pip upgrade would
+        summary, records = load(out)
+        entry = [e for e in summary["results"] if e["method"] == "toy_versioned"][-1]
+        assert summary["methods"]["toy_versioned"]["version"].startswith(f"{version}+")
+        hashes.append(entry["config_hash"])
+        assert sum(r["config_hash"] == entry["config_hash"] for r in records) == 6, "every item scored anew"
+    assert hashes[0] != hashes[1]

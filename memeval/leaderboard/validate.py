@@ -178,7 +178,7 @@ def load_result_set(path: Path) -> ResultSet:
         where = f"methods{_key(name)}"
         c.check(m, where, "an object")
         c.get(m, "kind", where, "a non-empty string")
-        for k in ("summary", "paper", "plugin"):
+        for k in ("summary", "paper", "plugin", "version"):
             c.get(m, k, where, "a string", required=False, nullable=True)
         c.get(m, "requires", where, "a list of strings", required=False)  # privileged inputs, e.g. ["shadows"]
 
