@@ -30,6 +30,7 @@ import torch
 
 from memeval.api import Batch, TokenSequence
 from memeval.metrics import greedy_tokens
+from memeval.models import cache_kwarg, returned_cache
 
 if TYPE_CHECKING:
     from memeval.models import NeuronModel
@@ -58,16 +59,6 @@ class GreedyMatch:
         return next((i for i, m in enumerate(self.matches) if not m), len(self.matches))
 
 
-def _forward_params(hf_model: torch.nn.Module) -> set[str]:
-    return set(inspect.signature(hf_model.forward).parameters)
-
-
-def _returned_cache(out):
-    """The KV cache a forward returned (``cache`` in recent transformers, ``past_key_values`` before)."""
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
-
 @torch.no_grad()
 def _generate_batch(model: "NeuronModel", prompts: Sequence[Sequence[int]], n_new: int) -> torch.Tensor:
     """Greedy tokens ``[B, n_new]`` for left-padded prompts, with a KV cache."""
@@ -80,14 +71,13 @@ def _generate_batch(model: "NeuronModel", prompts: Sequence[Sequence[int]], n_ne
         ids[row, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
         mask[row, width - len(p):] = 1
     ids, mask = ids.to(device), mask.to(device)
-    params = _forward_params(hf)
-    use_pos = "position_ids" in params
-    cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.24 renamed it
+    use_pos = "position_ids" in inspect.signature(hf.forward).parameters
+    cache_kw = cache_kwarg(hf)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     kwargs = {"position_ids": positions} if use_pos else {}
     out = hf(input_ids=ids, attention_mask=mask, use_cache=True, **kwargs)
     tokens = [out.logits[:, -1].argmax(-1)]
-    past = _returned_cache(out)
+    past = returned_cache(out)
     last_pos = positions[:, -1:]
     for _ in range(n_new - 1):
         mask = torch.cat([mask, mask.new_ones((len(prompts), 1))], dim=1)
@@ -95,7 +85,7 @@ def _generate_batch(model: "NeuronModel", prompts: Sequence[Sequence[int]], n_ne
         kwargs = {"position_ids": last_pos} if use_pos else {}
         kwargs[cache_kw] = past
         out = hf(input_ids=tokens[-1][:, None], attention_mask=mask, use_cache=True, **kwargs)
-        past = _returned_cache(out)
+        past = returned_cache(out)
         tokens.append(out.logits[:, -1].argmax(-1))
     return torch.stack(tokens, dim=1)
 

@@ -23,6 +23,7 @@ import contextlib
 import copy
 import functools
 import hashlib
+import inspect
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -135,6 +136,18 @@ def find_attn_out_proj(block: nn.Module, hidden_size: int) -> nn.Module:
         raise UsageError(f"{type(block).__name__}: cannot identify the attention output projection "
                          f"(none of {', '.join(ATTN_OUT_NAMES)})")
     return found[-1]
+
+
+def cache_kwarg(hf_model: nn.Module) -> str:
+    """The forward keyword that takes a KV cache: ``cache`` in transformers >= 5.24, ``past_key_values`` before
+    (passing the old name to a new version prints a deprecation warning on every call)."""
+    return "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
+
+
+def returned_cache(output):
+    """The KV cache a forward returned (``output.cache`` in recent transformers, ``past_key_values`` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 def _remember_batch_shape(module: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from memeval import hookimpl
 from memeval.api import Batch, Localizer
-from memeval.models import NeuronModel
+from memeval.models import NeuronModel, cache_kwarg, returned_cache
 from memeval_methods._common import accepts_logits_to_keep, trim
 
 
@@ -59,7 +59,7 @@ class IntegratedGradients(Localizer):
         extra = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
         with torch.no_grad(), model.capture() as acts:
             clean = model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=True, **extra)
-        kv = _cache_tensors(clean.past_key_values)
+        kv = _cache_tensors(returned_cache(clean))
         acts = dict(acts)
         del clean
 
@@ -91,7 +91,7 @@ class IntegratedGradients(Localizer):
                 past = _make_cache([(k[b_r, :, :pmax], v[b_r, :, :pmax]) for k, v in kv]) if pmax > 0 else None
                 with torch.enable_grad(), model.intervene({l: patch}):
                     logits = model.hf(input_ids=tokens[s:e].repeat_interleave(cfg.steps)[:, None],
-                                      attention_mask=attn, position_ids=p_r[:, None], past_key_values=past,
+                                      attention_mask=attn, position_ids=p_r[:, None], **{cache_kwarg(model.hf): past},
                                       use_cache=past is not None, **extra).logits[:, -1]
                     prob = F.softmax(logits.float(), dim=-1).gather(1, targets[s:e].repeat_interleave(cfg.steps)[:, None])
                     (g,) = torch.autograd.grad(prob.sum(), x)
