@@ -317,38 +317,27 @@ def fraction_removed(after: float, before: float) -> float:
 
 
 def forget_collateral_auc(points: Iterable[tuple[float, float]], max_collateral: float = 0.5) -> float:
-    """Area under the forget-vs-collateral frontier, normalised to [0, 1] (memeval's specificity headline).
+    """Area under the forget-vs-collateral staircase, normalised to [0, 1] (memeval's specificity headline).
 
-    Each point (x, y) is one budget of an editor's sweep: x = relative held-out perplexity increase
-    (:func:`relative_increase`, negative values clipped to 0), y = fraction of the forget set's exact match
-    removed (:func:`fraction_removed`, clipped to [0, 1]). The curve f is built as follows:
+    Each point (x, y) is one budget of an editor's sweep: x = its collateral (negative values clipped to 0),
+    y = fraction of the forget set's exact match removed (:func:`fraction_removed`, clipped to [0, 1]).
+    The curve is
 
-    1. start at (0, 0) (no edit), add the points sorted by x (ties by y);
-    2. take the running maximum of y (the best forgetting reachable with at most x collateral: the Pareto
-       frontier, so a wasteful large budget never lowers the score);
-    3. join consecutive points linearly (trapezoids); past the last point f stays at its final y;
-    4. integrate f over x ∈ [0, max_collateral] (a point beyond is linearly interpolated at the bound) and
-       divide by ``max_collateral``.
+        f(x) = max { y_i : x_i ≤ x }   (0 when no tried budget has collateral ≤ x),
 
-    1.0 = the whole forget set forgotten at no perplexity cost; 0.0 = nothing forgotten before perplexity
-    rose by ``max_collateral`` (default 0.5, i.e. +50%). Example: points (0.1, 0.5), (0.3, 1.0) with bound 1:
-    0.1·0.25 + 0.2·0.75 + 0.7·1 = 0.875.
+    the most forgetting any *tried* budget reached with at most x collateral: a step function, flat between
+    measured points, since a budget that was not tried is not assumed to exist. The headline is
+    ∫₀^B f(x) dx / B with B = ``max_collateral`` (default 0.5). 1.0 = the whole forget set forgotten at no
+    collateral; 0.0 = nothing forgotten within the bound. Examples: points (0.1, 0.5), (0.3, 1.0) with
+    bound 1: 0.2·0.5 + 0.7·1 = 0.8; one point (0.4, 1.0) with bound 0.5: 0.1·1 / 0.5 = 0.2; one point
+    (0.6, 1.0) with bound 0.5: 0 (nothing was measured inside the bound).
     """
     pts = sorted((max(0.0, float(x)), min(1.0, max(0.0, float(y)))) for x, y in points)
-    curve = [(0.0, 0.0)]
-    for x, y in pts:
-        curve.append((x, max(y, curve[-1][1])))
-    area = 0.0
-    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
-        if x0 >= max_collateral:
-            break
-        if x1 > max_collateral:
-            y1 = y0 + (y1 - y0) * (max_collateral - x0) / (x1 - x0)
-            x1 = max_collateral
-        area += (x1 - x0) * (y0 + y1) / 2
-    last_x, last_y = curve[-1]
-    if last_x < max_collateral:
-        area += (max_collateral - last_x) * last_y
+    area, best = 0.0, 0.0
+    edges = [x for x, _ in pts if x < max_collateral] + [max_collateral]
+    for (x, y), next_x in zip(pts, edges[1:]):
+        best = max(best, y)
+        area += (next_x - x) * best
     return area / max_collateral
 
 

@@ -41,18 +41,22 @@ def test_ndcg_at_k_hand_computed():
     assert float(ndcg_at_k(rev, ref10)[0]) == pytest.approx(expected)
 
 
-def test_forget_collateral_auc_hand_computed():
-    # 0.1·0.25 + 0.2·0.75 + 0.7·1 over [0, 1]
-    assert forget_collateral_auc([(0.1, 0.5), (0.3, 1.0)], 1.0) == pytest.approx(0.875)
+def test_forget_collateral_auc_is_the_staircase_the_readme_defines():
+    """f(x) = the most forgetting any tried budget reached with collateral ≤ x (a step function); the
+    trapezoids an earlier version integrated give 0.875, 0.417 and 0.60 on the first three cases."""
+    assert forget_collateral_auc([(0.1, 0.5), (0.3, 1.0)], 1.0) == pytest.approx(0.2 * 0.5 + 0.7 * 1.0)  # 0.8
+    # nothing was measured inside the bound: no credit for a budget beyond it
+    assert forget_collateral_auc([(0.6, 1.0)], 0.5) == 0.0
+    assert forget_collateral_auc([(1.0, 1.0)], 0.5) == 0.0
+    # f = 0 below the only point, 1 from it to the bound: 0.1 / 0.5
+    assert forget_collateral_auc([(0.4, 1.0)], 0.5) == pytest.approx(0.2)
     assert forget_collateral_auc([], 0.5) == 0.0
     assert forget_collateral_auc([(0.2, 0.0), (0.6, 0.0)], 0.5) == 0.0
-    # a point beyond the bound is interpolated at it: y(0.5) = 0.5, area 0.125 over 0.5
-    assert forget_collateral_auc([(1.0, 1.0)], 0.5) == pytest.approx(0.25)
-    # the frontier is a running maximum: a later, worse point does not lower the curve
-    assert forget_collateral_auc([(0.1, 0.8), (0.2, 0.4)], 1.0) == pytest.approx(0.04 + 0.08 + 0.64)
-    # perplexity that fell counts as no collateral; drops are clipped to [0, 1]
+    # a later, worse point does not lower the curve: 0.1·0.8 + 0.8·0.8 over [0, 1]
+    assert forget_collateral_auc([(0.1, 0.8), (0.2, 0.4)], 1.0) == pytest.approx(0.1 * 0.8 + 0.8 * 0.8)
+    # negative collateral counts as none; drops are clipped to [0, 1]
     assert forget_collateral_auc([(-0.1, 1.0)], 0.5) == pytest.approx(1.0)
-    assert forget_collateral_auc([(0.25, 1.7)], 0.5) == pytest.approx((0.25 * 0.5 + 0.25 * 1.0) / 0.5)
+    assert forget_collateral_auc([(0.25, 1.7)], 0.5) == pytest.approx(0.25 / 0.5)
     assert forget_collateral_auc([(0.0, -0.2)], 0.5) == 0.0
 
 
@@ -217,8 +221,14 @@ def test_specificity_metrics_equal_a_hand_computed_edit(spec_env):
         else:  # fixed_spec through localize_then_ablate: neurons 0..3 (0.05) / 0..9 (0.125) of layer 1
             with model.ablate({1: torch.arange(10)}):
                 assert m["heldout_ppl@budget=0.125"] == pytest.approx(ppl(), rel=1e-5)
-        # the AUC is the definition applied to the item's own points
-        pts = [(m[f"heldout_ppl_increase@budget={b}"], m[f"forget_em_drop@budget={b}"]) for b in ("0.05", "0.125")]
+        # collateral = the worst of the perplexity increase and the fractions of other memorized exact
+        # match and fact accuracy removed; the AUC is the definition applied to the item's own points
+        for b in ("0.05", "0.125"):
+            drops = [m[f"heldout_ppl_increase@budget={b}"],
+                     (m["other_em_before"] - m[f"other_em@budget={b}"]) / m["other_em_before"] if m["other_em_before"] else 0.0,
+                     (m["fact_acc_before"] - m[f"fact_acc@budget={b}"]) / m["fact_acc_before"] if m["fact_acc_before"] else 0.0]
+            assert m[f"collateral@budget={b}"] == pytest.approx(max(drops))
+        pts = [(m[f"collateral@budget={b}"], m[f"forget_em_drop@budget={b}"]) for b in ("0.05", "0.125")]
         assert m["forget_collateral_auc"] == pytest.approx(forget_collateral_auc(pts, 0.5))
     assert len(mem) == 8
 
@@ -231,3 +241,70 @@ def test_specificity_paper_tasks_fail_clearly_without_weights_or_data(capsys, tm
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and ("cannot load it" in err or "data.path" in err)
+
+
+# ---------------------------------------------------------------------------------------------
+# Degenerate editors against the headline
+
+
+class EraseAllMemorized(Editor):
+    """Erases *every* memorized sequence (the forget set and the others) and nothing else: the returned model
+    negates its logits on any row that starts with a memorized prefix. Perplexity on other text is unchanged,
+    so a headline whose collateral is perplexity alone ranks it first (the defect of issue #12)."""
+
+    name = "erase_all_memorized"
+    summary = "negate the logits of every memorized sequence"
+    prefixes: set = set()
+
+    def edit(self, model, forget, retain, budget):
+        edited = model.clone()
+
+        def hook(_module, _args, kwargs, output):
+            ids = kwargs["input_ids"]
+            for row in range(ids.shape[0]):
+                if tuple(ids[row, :6].tolist()) in EraseAllMemorized.prefixes:
+                    output.logits[row] = -output.logits[row]
+            return output
+
+        edited.hf.register_forward_hook(hook, with_kwargs=True)
+        return edited
+
+
+class DegeneratePlugin:
+    @hookimpl
+    def memeval_methods(self):
+        return [Identity, EraseAllMemorized]
+
+
+def test_an_editor_that_erases_all_memorized_data_does_not_reach_the_top(memeval_plugin, tiny_model_dir, tmp_path,
+                                                                           monkeypatch):
+    from memeval.generation import greedy_continuations
+
+    monkeypatch.setenv("MEMEVAL_LOAD_PLUGINS", "")
+    memeval_plugin(DegeneratePlugin(), "degenerate-editors")
+    model_dir = tiny_model_dir("gpt2")
+    model = load_model(str(model_dir))
+    gen = torch.Generator().manual_seed(1)
+    prefixes = [torch.randint(3, 120, (6,), generator=gen).tolist() for _ in range(8)]
+    suffixes = greedy_continuations(model, prefixes, 8)  # the model reproduces these: "memorized"
+    EraseAllMemorized.prefixes = {tuple(p) for p in prefixes}
+    mem = tmp_path / "memorized.jsonl"
+    mem.write_text("".join(json.dumps({"input_ids": p + s, "prefix_len": 6}) + "\n" for p, s in zip(prefixes, suffixes)))
+    torch.save(torch.randint(1, 120, (6, 20), generator=gen), tmp_path / "heldout.pt")
+    torch.save(torch.randint(1, 120, (5, 20), generator=gen), tmp_path / "retain.pt")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "spec.yaml").write_text(
+        f"task: spec_tiny\nversion: 1\nprotocol: specificity\nmodel: {model_dir}\n"
+        f"data: {{source: file, path: {mem}, ppl_path: {tmp_path / 'heldout.pt'}, retain_path: {tmp_path / 'retain.pt'}, "
+        f"others: 4, ppl_sequences: 6, retain_sequences: 5}}\nparams: {{budgets: [0.05], set_size: 3, sets: 1}}\n")
+    recs = _run(tmp_path, "identity_editor,erase_all_memorized")
+    erase = next(r["metrics"] for (m, _), r in recs.items() if m == "erase_all_memorized")
+    identity = next(r["metrics"] for (m, _), r in recs.items() if m == "identity_editor")
+    assert erase["forget_em_before"] == 1.0 and erase["other_em_before"] == 1.0
+    assert erase["forget_em_drop@budget=0.05"] == 1.0  # it does forget the set ...
+    assert erase["heldout_ppl_increase@budget=0.05"] == pytest.approx(0.0, abs=1e-6)  # ... at no perplexity cost
+    assert erase["other_em_drop@budget=0.05"] == 1.0 and erase["collateral@budget=0.05"] == 1.0
+    # a perplexity-only collateral would give it 1.0; the headline gives it what it gives doing nothing
+    assert forget_collateral_auc([(erase["heldout_ppl_increase@budget=0.05"], 1.0)], 0.5) == pytest.approx(1.0)
+    assert erase["forget_collateral_auc"] == 0.0 == identity["forget_collateral_auc"]

@@ -20,8 +20,15 @@ Per budget ``b`` (metrics ``<name>@budget=<b>``):
   held-out text (1 = unchanged);
 - ``fact_acc``, ``arith_acc``: exact greedy answers to the fact-recall and arithmetic probes.
 
+- ``other_em_drop``: the fraction of the other (not forgotten) memorized sequences' exact match removed;
+- ``collateral`` = the largest of ``heldout_ppl_increase``, ``other_em_drop`` and the fractions of fact-recall
+  and arithmetic accuracy removed (probes only where the task has them): the worst damage the edit did to
+  anything it was not asked to remove.
+
 Headline ``forget_collateral_auc``: :func:`memeval.metrics.forget_collateral_auc` of the points
-(heldout_ppl_increase, forget_em_drop) over the budgets, ppl increase bounded at ``max_ppl_increase``.
+(collateral, forget_em_drop) over the budgets, bounded at ``max_ppl_increase`` (the collateral bound, 0.5).
+An editor that erases every memorized sequence (the forget set *and* the others) has collateral ≈ 1 and
+scores 0, however little perplexity it costs.
 """
 
 from __future__ import annotations
@@ -98,6 +105,7 @@ PER_BUDGET = {  # name -> higher is better (the forget metric first: the leaderb
     "forget_em_drop": True, "heldout_ppl_increase": False, "forget_em": False, "forget_loose": False,
     "forget_token_acc": False, "other_em": True, "other_loose": True, "other_token_acc": True,
     "heldout_ppl": False, "ndcg10": True, "fact_acc": True, "arith_acc": True,
+    "other_em_drop": False, "collateral": False,
 }
 
 
@@ -279,10 +287,15 @@ class SpecificityProtocol(Protocol):
             "other_em": _mean(o.em), "other_loose": _mean(o.loose), "other_token_acc": _mean(o.token_acc),
             "heldout_ppl": ppl, "ndcg10": ndcg,
         }
+        out["other_em_drop"] = fraction_removed(out["other_em"], _mean(self.before["per"][i][0] for i in others))
+        losses = [out["heldout_ppl_increase"], out["other_em_drop"]]
         if self.facts:
             out["fact_acc"] = _mean(score_sequences(model, self.facts).em)
+            losses.append(fraction_removed(out["fact_acc"], self.before["fact"]))
         if self.arith:
             out["arith_acc"] = _mean(score_sequences(model, self.arith).em)
+            losses.append(fraction_removed(out["arith_acc"], self.before["arith"]))
+        out["collateral"] = max(losses)
         return out
 
     def evaluate(self, method: Method, item_ids: list[str]) -> list[dict[str, float]]:
@@ -309,7 +322,7 @@ class SpecificityProtocol(Protocol):
                 raise RuntimeError(f"{editor.name}: edit returned the model it was given (it must return a new one)")
             m = self.measure(edited, members, others)
             del edited
-            points.append((m["heldout_ppl_increase"], m["forget_em_drop"]))
+            points.append((m["collateral"], m["forget_em_drop"]))
             metrics.update({budget_key(k, b): v for k, v in m.items()})
         metrics["forget_collateral_auc"] = forget_collateral_auc(points, self.params.max_ppl_increase)
         return metrics
