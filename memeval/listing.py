@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
 from memeval.plugins import get_registry
+from memeval.tables import print_table
 from memeval.tasks import load_tasks
 
 
@@ -16,12 +14,8 @@ def _emit(rows: list[dict], columns: list[str], title: str, as_json: bool) -> in
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
-    table = Table(title=title)
-    for col in columns:
-        table.add_column(col)
-    for row in rows:
-        table.add_row(*[", ".join(v) if isinstance(v, list) else str(v) for v in (row[c] for c in columns)])
-    Console().print(table)
+    print_table(title, columns, [[", ".join(v) if isinstance(v, list) else str(v) for v in (row[c] for c in columns)]
+                                 for row in rows])
     return 0
 
 

@@ -307,16 +307,15 @@ class Runner:
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    from rich.table import Table
+    """The end-of-run table: one row per (method, task) pair, names never cut (:mod:`memeval.tables`)."""
+    from memeval.tables import print_table
 
-    table = Table(title="memeval summary", show_lines=False)
-    for col in ("method", "task", "n", "errors", "primary metric", "value ± stderr", "s/item"):
-        table.add_column(col, justify="right" if col in ("n", "errors", "s/item") else "left",
-                         no_wrap=col in ("method", "primary metric", "value ± stderr"))
+    rows = []
     for e in summary["results"]:
         p = e["primary"]
         value = "—" if p["value"] is None else f"{p['value']:.4g} ± {p['stderr']:.2g}"
         arrow = "↑" if p["higher_is_better"] else "↓"
-        table.add_row(e["method"], e["task"], str(e["n"]), str(e["errors"]), f"{p['name']} {arrow}", value,
-                      "—" if e["seconds_per_item"] is None else f"{e['seconds_per_item']:.3g}")
-    Console().print(table)
+        rows.append([e["method"], e["task"], str(e["n"]), str(e["errors"]), f"{p['name']} {arrow}", value,
+                     "—" if e["seconds_per_item"] is None else f"{e['seconds_per_item']:.3g}"])
+    print_table("memeval summary", ["method", "task", "n", "errors", "primary metric", "value ± stderr", "s/item"],
+                rows, right=("n", "errors", "s/item"))
