@@ -100,8 +100,13 @@ def get_plugin_manager() -> pluggy.PluginManager:
         _dists[module_name] = CORE_DIST
     for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name):
         dist = ep.dist.name if ep.dist is not None else "?"
-        if not _allowed(ep.name, dist) or pm.has_plugin(ep.name):
+        if not _allowed(ep.name, dist):
             continue
+        if pm.has_plugin(ep.name):
+            if _dists.get(ep.name) == dist:  # the same distribution seen twice (e.g. two metadata dirs)
+                continue
+            raise UsageError(f"plugin name '{ep.name}' is claimed by two distributions: {_dists.get(ep.name)} and "
+                             f"{dist}; uninstall one or limit MEMEVAL_LOAD_PLUGINS")
         try:
             plugin = ep.load()
         except Exception as e:  # a broken plugin must not break memeval

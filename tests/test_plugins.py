@@ -134,3 +134,22 @@ def test_installed_plugin_package_is_discovered_and_removable(tmp_path):
         _pip("uninstall", "-y", "memeval-constplug")
     names = {r["name"] for r in json.loads(_memeval("ls", "methods", "--json").stdout)}
     assert "constplug" not in names
+
+
+def test_entry_point_named_like_a_builtin_is_an_error_naming_both(monkeypatch, capsys):
+    """A third-party entry point called `random` used to be skipped silently (the built-in won, or the
+    reverse, by load order); now the CLI stops with one line naming both distributions."""
+    from types import SimpleNamespace
+
+    from memeval.cli import main
+
+    real = plugins.entry_points(group=plugins.GROUP)
+    shadow = SimpleNamespace(name="random", dist=SimpleNamespace(name="memeval-shadow"),
+                             load=lambda: make_plugin("shadow_random"))
+    monkeypatch.setattr(plugins, "entry_points", lambda group: [*real, shadow])
+    monkeypatch.setattr(plugins, "_pm", None)
+    monkeypatch.setattr(plugins, "_registry", None)
+    monkeypatch.setattr(plugins, "_dists", {})
+    assert main(["ls", "methods"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "'random'" in err and "memeval-shadow" in err and "memeval and" in err
