@@ -96,7 +96,7 @@ def injection_task(model_dir: Path, tmp: Path, words: tuple[str, ...], params: s
 def test_injection_oracle_finds_every_planted_neuron_and_random_does_not(env):
     model_dir, tmp = env
     tasks = injection_task(model_dir, tmp, ("beta", "delta", "seven", "quiet", "lamp"),
-                           "{ratio: 0.05, multiples: [1, 5], max_steps: 30}")
+                           "{ratio: 0.05, multiples: [1, 5], max_steps: 30, stop_loss: 5.3}")
     summary = run(tasks, tmp / "out", "weight_diff,random", "inj_tiny")
     res = {e["method"]: e["metrics"] for e in summary["results"]}
     oracle = res["weight_diff"]
@@ -112,11 +112,14 @@ def test_injection_oracle_finds_every_planted_neuron_and_random_does_not(env):
     assert load_model(str(model_dir)).fingerprint() == WeightDiff.base.fingerprint()
 
 
+# stop losses that every injection of this tiny model reaches in 30 steps (from about 5.56), so every item is
+# scored (a failed injection has no recall: InjectionProtocol scores it injected = 0, other metrics null)
 @pytest.mark.parametrize("preserve_norm", [False, True])
 def test_norm_preserving_injection_leaves_no_trace_in_column_norms(env, preserve_norm):
     model_dir, tmp = env
     tasks = injection_task(model_dir, tmp, ("beta", "delta", "seven", "quiet"),
-                           f"{{ratio: 0.05, max_steps: 30, lr: 0.05, preserve_norm: {str(preserve_norm).lower()}}}")
+                           f"{{ratio: 0.2, max_steps: 30, lr: 0.05, preserve_norm: {str(preserve_norm).lower()}, "
+                           f"stop_loss: {5.52 if preserve_norm else 5.2}}}")
     res = {e["method"]: e["metrics"] for e in run(tasks, tmp / "out", "weight_diff,column_norm", "inj_tiny")["results"]}
     # The columns move either way (the weight-difference oracle still ranks them perfectly) ...
     assert res["weight_diff"]["auc"]["mean"] == 1.0
@@ -125,6 +128,23 @@ def test_norm_preserving_injection_leaves_no_trace_in_column_norms(env, preserve
         assert res["column_norm"]["auc"]["mean"] < 0.8
     else:
         assert res["column_norm"]["auc"]["mean"] > 0.95
+
+
+def test_failed_injections_report_injected_0_and_do_not_enter_recall(env):
+    """Recall is over injected items only: with a stop loss that some items miss, those items report
+    injected = 0 and no recall (null), and the pair's recall is the mean over the injected items alone."""
+    model_dir, tmp = env
+    tasks = injection_task(model_dir, tmp, ("beta", "delta", "seven", "quiet", "lamp"),
+                           "{ratio: 0.05, multiples: [1], max_steps: 30, stop_loss: 5.26}")
+    summary = run(tasks, tmp / "out", "weight_diff", "inj_tiny")
+    recs = [r for r in records(tmp / "out") if r["method"] == "weight_diff"]
+    failed = [r["metrics"] for r in recs if r["metrics"]["injected"] == 0.0]
+    done = [r["metrics"] for r in recs if r["metrics"]["injected"] == 1.0]
+    assert failed and done, "the stop loss splits the items"
+    assert all(m["recall@1x"] is None and m["auc"] is None for m in failed)
+    metrics = summary["results"][0]["metrics"]
+    assert metrics["recall@1x"]["mean"] == pytest.approx(sum(m["recall@1x"] for m in done) / len(done))
+    assert metrics["injected"]["mean"] == pytest.approx(len(done) / len(recs))
 
 
 def test_deletion_metrics_equal_a_hand_computed_ablation(env):

@@ -10,7 +10,9 @@ injected set, which never leaves this module:
 - ``global_recall@{m}x``: one top-k over all layers with k = round(L · I · m · r) (paper App. A.11);
 - ``ap``, ``auc``: average precision and ROC AUC of all scores against the injected set;
 - ``ceiling@1x``: the best recall a per-layer top-k can reach (gold neurons are not spread evenly);
-- ``injected``: 1 when the injection reached the stop loss.
+- ``injected``: 1 when the injection reached the stop loss. An item whose injection failed has stored no
+  sequence in its chosen neurons: it reports ``injected = 0`` and no other metric (null; the method is not
+  run), so recall and the ranking are over injected items only and a failed injection cannot move a method.
 
 With ``preserve_norm`` every injected column is rescaled to its original norm after each Adam step, so the
 injection is visible only through what the columns do, not through their size (memeval's choice for small
@@ -266,6 +268,9 @@ class InjectionProtocol(Protocol):
         out = []
         L, I = self.model.num_layers, self.model.num_neurons
         for item in item_ids:
+            if not self.injections[item]["success"]:  # nothing was stored there: no recall to score
+                out.append({name: None for name in self.metrics()} | {"injected": 0.0})
+                continue
             with self._injected(item) as model:
                 batch = Batch.from_sequences([self.sequences[item]], model.pad_id, model.device)
                 scores = method.localize(model, batch)
