@@ -2,6 +2,7 @@
 
     memeval --methods all --tasks del            # shorthand for `memeval run ...`
     memeval run -m hardconcrete,slimming -t inj --limit 20 --device cuda
+    memeval -m zero_out -t del_file --model DIR --task-config del_file.data.path=memorized/memorized.jsonl
     memeval ls methods | memeval ls tasks [--json]
     memeval validate tasks/del/*.yaml
     memeval leaderboard build results/ --out site/
@@ -46,6 +47,14 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="override a method hyperparameter (repeatable)")
     p.add_argument("--split", choices=["test", "dev"], default="test",
                    help="dev: score the items held out for tuning hyperparameters (never ranked)")
+    p.add_argument("--model", default=None, metavar="SPEC",
+                   help="score this model instead of the tasks' own: hf:<repo>[@rev], a local directory, organism:<preset>")
+    p.add_argument("--model-args", default=None, metavar="K=V,...",
+                   help="keyword arguments for loading: revision, trust_remote_code, attn_implementation, subfolder, dtype")
+    p.add_argument("--task-config", action="append", default=[], metavar="TASK.data.KEY=VALUE",
+                   help="override a task's data or params field, e.g. del_file.data.path=memorized.jsonl (repeatable)")
+    p.add_argument("--log-samples", action="store_true",
+                   help="write each item's greedy continuations before and after the edit to OUTPUT/samples/")
     p.add_argument("--shard", default=None, help=argparse.SUPPRESS)
 
 
@@ -65,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="check task YAML files (or folders of them)")
     val.add_argument("files", nargs="+", type=Path)
+    val.add_argument("--schema-only", action="store_true",
+                     help="check the YAML only, not that the data files the tasks name exist here")
 
     lb = sub.add_parser("leaderboard", help="build the static leaderboard site")
     lb_sub = lb.add_subparsers(dest="lb_command", parser_class=_Parser, required=True)
@@ -120,13 +131,14 @@ def _parse_shard(text: str | None) -> tuple[int, int] | None:
 
 
 def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
-    from memeval.runner import RunOptions, Runner
+    from memeval.runner import RunOptions, execute, exit_code
 
     opts = RunOptions(methods=args.methods, tasks=args.tasks, output=args.output, limit=args.limit,
                       device=args.device, dtype=args.dtype, seed=args.seed, batch_size=args.batch_size,
                       include_paths=args.include_path, method_config=args.method_config, split=args.split,
-                      shard=_parse_shard(args.shard), argv=argv)
-    return Runner(opts).run()
+                      model=args.model, model_args=args.model_args, task_config=args.task_config,
+                      log_samples=args.log_samples, shard=_parse_shard(args.shard), argv=argv)
+    return exit_code(execute(opts))
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -136,16 +148,28 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """Every file's schema, then (unless --schema-only) that the data it names are here; one line per problem."""
+    from memeval.plugins import get_registry
     from memeval.tasks import parse_task, task_files
 
     files = task_files(args.files)
     names: dict[str, Path] = {}
+    problems = []
     for path in files:
         task = parse_task(path)
         if task.name in names:
             raise UsageError(f"{path}:{task.line}: duplicate task name '{task.name}' (also in {names[task.name]})")
         names[task.name] = path
-    print(f"{len(files)} task file(s) valid")
+        if not args.schema_only:
+            try:
+                get_registry().protocols[task.protocol].obj.check_task(task)
+            except UsageError as e:
+                problems.append(f"{path}: {e}")
+    for line in problems:
+        print(f"memeval: error: {line}", file=sys.stderr)
+    if problems:
+        return 2
+    print(f"{len(files)} task file(s) valid" + (" (schema only)" if args.schema_only else ", their data present"))
     return 0
 
 

@@ -14,7 +14,8 @@ They are found on first use, so a model without a recognisable one fails only wh
 Model specs:
 - ``organism:<preset>[:<arch>][@<seed>]``: a model organism trained by memeval (``memeval.organisms``);
 - ``hf:<repo>[@<revision>]``: a Hugging Face hub model (or its copy in the local HF cache);
-- a local directory holding a transformers model and tokenizer.
+- a local directory holding a transformers model and tokenizer;
+- ``memory:<fingerprint>``: a model object registered in this process (:func:`register_in_memory`).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from memeval.api import Batch
-from memeval.errors import UsageError
+from memeval.api import Batch, coerce_value
+from memeval.errors import UsageError, closest
 from memeval.metrics import masked_mean, token_nll
 
 InterventionFn = Callable[[torch.Tensor], torch.Tensor]
@@ -328,6 +329,47 @@ class NeuronModel:
 # Loading
 
 
+# Keyword arguments of ``--model-args`` and their types; ``dtype`` is the run's ``--dtype``.
+MODEL_ARGS: dict[str, type] = {"revision": str, "trust_remote_code": bool, "attn_implementation": str,
+                               "subfolder": str, "dtype": str}
+
+# In-memory models handed to :func:`memeval.evaluate`: ``memory:<fingerprint>`` -> (model, tokenizer).
+_IN_MEMORY: dict[str, tuple[nn.Module, object]] = {}
+
+
+def parse_model_args(text: str | dict | None, where: str = "--model-args") -> dict[str, object]:
+    """``revision=main,trust_remote_code=true`` (or a dict) → typed keyword arguments for loading."""
+    if not text:
+        return {}
+    pairs = text.items() if isinstance(text, dict) else [p.partition("=")[::2] for p in text.split(",") if p.strip()]
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        key = str(key).strip()
+        if key not in MODEL_ARGS:
+            raise UsageError(f"{where}: unknown key '{key}'{closest(key, list(MODEL_ARGS))}; "
+                             f"known: {', '.join(MODEL_ARGS)}")
+        if value == "" or value is None:
+            raise UsageError(f"{where}: '{key}' has no value; expected {key}=VALUE")
+        out[key] = coerce_value(value.strip() if isinstance(value, str) else value, MODEL_ARGS[key], f"{where}: {key}")
+    if "dtype" in out:
+        resolve_dtype(str(out["dtype"]), torch.device("cpu"))  # a clear error for an unknown dtype
+    return out
+
+
+def register_in_memory(hf_model: nn.Module, tokenizer) -> str:
+    """Register a model object (a notebook's, a training loop's) and return its spec ``memory:<fingerprint>``.
+
+    A deep copy is kept, so the caller's model is never moved, cast or modified, and every load (the
+    runner reloads to restore weights a method changed) starts from the weights as they were when
+    registered. The fingerprint of the weights names it, so results of different weights never mix."""
+    if not isinstance(hf_model, nn.Module) or tokenizer is None:
+        raise UsageError("model: expected a spec string, or a (transformers model, tokenizer) pair")
+    copy_ = copy.deepcopy(hf_model).cpu()
+    spec = f"memory:{NeuronModel(copy_, tokenizer).fingerprint()}"
+    _IN_MEMORY[spec] = (copy_, tokenizer)
+    return spec
+
+
 def resolve_spec(spec: str) -> tuple[str, str | None]:
     """Map a model spec to (path or repo id, revision) for ``from_pretrained``."""
     prefix, sep, rest = spec.partition(":")
@@ -348,19 +390,32 @@ def resolve_spec(spec: str) -> tuple[str, str | None]:
     )
 
 
-def load_model(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> NeuronModel:
-    """Load a causal LM and its tokenizer from a model spec and wrap it as a :class:`NeuronModel`."""
+def load_model(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+               model_args: dict[str, object] | None = None) -> NeuronModel:
+    """Load a causal LM and its tokenizer from a model spec and wrap it as a :class:`NeuronModel`.
+
+    ``model_args`` (:func:`parse_model_args`) are passed to ``from_pretrained``: ``revision`` (overrides a
+    spec's ``@rev``), ``trust_remote_code``, ``attn_implementation``, ``subfolder``; their ``dtype`` is
+    resolved by the caller into ``dtype``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     import memeval.organisms  # noqa: F401  (registers the organism: source)
 
+    if spec in _IN_MEMORY:
+        hf, tokenizer = _IN_MEMORY[spec]
+        return NeuronModel(copy.deepcopy(hf).to(device=device, dtype=dtype), tokenizer, spec)
+    if spec.startswith("memory:"):
+        raise UsageError(f"model '{spec}': an in-memory model lives only in the process that registered it")
+    kwargs = {k: v for k, v in (model_args or {}).items() if k != "dtype"}
     target, revision = resolve_spec(spec)
+    revision = kwargs.pop("revision", revision)
+    tok_kwargs = {k: kwargs[k] for k in ("trust_remote_code", "subfolder") if k in kwargs}
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(target, revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(target, revision=revision, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(target, revision=revision, **tok_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(target, revision=revision, dtype=dtype, **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
-import shlex
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -55,7 +54,7 @@ def run_metadata(opts: Any, device: torch.device, dtype: torch.dtype) -> dict[st
         "dtype": str(dtype).replace("torch.", ""),
         "seed": opts.seed,
         "batch_size": opts.batch_size,
-        "command": "memeval " + shlex.join(opts.argv),
+        "command": opts.command(),
         "limit": opts.limit,
         "split": opts.split,
         "limited": opts.limit is not None or opts.split != "test",

@@ -7,6 +7,10 @@
 - Every item is appended to ``OUTPUT/results.jsonl`` as soon as it is scored; items already recorded with
   the same config hash are skipped, so re-running a command resumes it.
 - ``--device cuda:0,cuda:1`` starts one worker process per device, each taking every n-th item.
+- ``summary.json`` covers every pair recorded in the output directory under the current configs
+  (:mod:`memeval.summary`).
+
+:func:`execute` is the one entry point: the CLI and :func:`memeval.evaluate` both call it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import shlex
 import subprocess
 import sys
 import time
@@ -28,12 +33,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from memeval.api import Method, build_config
 from memeval.errors import UsageError, closest
-from memeval.models import NeuronModel, load_model, resolve_device, resolve_dtype
+from memeval.models import NeuronModel, parse_model_args, resolve_device, resolve_dtype
 from memeval.plugins import Registry, get_registry, method_version
 from memeval.protocols import Protocol
 from memeval.provenance import run_metadata
-from memeval.results import ResultsStore, aggregate, write_json_atomic
-from memeval.tasks import Task, load_tasks
+from memeval.results import ResultsStore, write_json_atomic
+from memeval.summary import PairManifest, PairRecord, build_summary, print_summary
+from memeval.tasks import Task, load_tasks, override_model, override_task, parse_task_overrides
 
 console = Console(stderr=True)
 
@@ -51,8 +57,34 @@ class RunOptions:
     include_paths: list[Path] = field(default_factory=list)
     method_config: list[str] = field(default_factory=list)
     split: str = "test"  # test | dev (dev items are for tuning hyperparameters, never ranked)
+    model: str | None = None  # --model: overrides the selected tasks' model
+    model_args: str | dict[str, Any] | None = None  # --model-args k=v,...
+    task_config: list[str] = field(default_factory=list)  # --task-config TASK.data.KEY=VALUE
+    log_samples: bool = False  # --log-samples: greedy continuations before/after, per item
+    progress: bool = True  # progress bars and the end-of-run table on stderr/stdout
     shard: tuple[int, int] | None = None  # (index, count) for a worker process
-    argv: list[str] = field(default_factory=list)
+    argv: list[str] = field(default_factory=list)  # the command line, when run from it
+
+    def to_argv(self) -> list[str]:
+        """The ``memeval run`` arguments equivalent to these options (worker processes; provenance)."""
+        out = ["run", "--methods", self.methods, "--tasks", self.tasks, "--output", str(self.output),
+               "--device", self.device, "--dtype", self.dtype, "--seed", str(self.seed),
+               "--batch-size", str(self.batch_size), "--split", self.split]
+        out += ["--limit", str(self.limit)] if self.limit is not None else []
+        out += [a for p in self.include_paths for a in ("--include-path", str(p))]
+        out += [a for c in self.method_config for a in ("--method-config", c)]
+        out += [a for c in self.task_config for a in ("--task-config", c)]
+        out += ["--model", self.model] if self.model else []
+        if self.model_args:
+            args = self.model_args if isinstance(self.model_args, str) else \
+                ",".join(f"{k}={v}" for k, v in self.model_args.items())
+            out += ["--model-args", args]
+        out += ["--log-samples"] if self.log_samples else []
+        return out
+
+    def command(self) -> str:
+        """The command line that gives these numbers (the one typed, or its equivalent from Python)."""
+        return "memeval " + shlex.join(self.argv or self.to_argv())
 
 
 @dataclass
@@ -131,10 +163,15 @@ def _check_metrics(metrics: dict[str, Any]) -> str | None:
 
 
 class PairRunner:
-    """Scores the pending items of one pair on a prepared protocol."""
+    """Scores the pending items of one pair on a prepared protocol.
 
-    def __init__(self, protocol: Protocol, model: NeuronModel, store: ResultsStore, restore) -> None:
+    Each record's ``seconds`` is the wall time of the batch the item was scored in divided by the batch's
+    item count, and ``batch_items`` says how many items shared it (1: the item's own time)."""
+
+    def __init__(self, protocol: Protocol, model: NeuronModel, store: ResultsStore, restore,
+                 samples_path: Path | None = None) -> None:
         self.protocol, self.model, self.store, self.restore = protocol, model, store, restore
+        self.samples_path = samples_path
 
     def run(self, pair: Pair, pending: list[str], batch_size: int, seed: int, progress: Progress, bar) -> int:
         method = pair.method_cls(pair.config)
@@ -144,19 +181,27 @@ class PairRunner:
             scored = list(self._score(method, pending[start : start + batch_size], seed))
             if self.model.fingerprint() != reference:
                 self.restore()
-                scored = [(item, None, "the method modified the model's weights (fingerprint changed)", s)
-                          for item, _, _, s in scored]
-            for item, metrics, error, seconds in scored:
+                scored = [(item, None, "the method modified the model's weights (fingerprint changed)", s, n)
+                          for item, _, _, s, n in scored]
+            for item, metrics, error, seconds, shared in scored:
                 rec = {"method": pair.method_cls.name, "task": pair.task.name, "item": item,
-                       "config_hash": pair.config_hash, "seconds": round(seconds, 4)}
+                       "config_hash": pair.config_hash, "seconds": round(seconds, 4), "batch_items": shared}
+                samples = metrics.pop("samples", None) if metrics else None
+                if samples is not None and self.samples_path is not None:
+                    self._write_samples({k: rec[k] for k in ("method", "task", "item", "config_hash")}, samples)
                 rec.update({"error": error} if error else {"metrics": metrics})
                 failed += error is not None
                 self.store.append(rec)
                 progress.advance(bar)
         return failed
 
+    def _write_samples(self, key: dict[str, str], samples: Any) -> None:
+        self.samples_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.samples_path, "a") as fh:
+            fh.write(json.dumps({**key, "samples": samples}, ensure_ascii=False) + "\n")
+
     def _score(self, method: Method, batch: list[str], seed: int):
-        """(item, metrics, error, seconds) per item; a failing batch is retried item by item."""
+        """(item, metrics, error, seconds, batch_items) per item; a failing batch is retried item by item."""
         torch.manual_seed(seed)
         t0 = time.perf_counter()
         try:
@@ -168,11 +213,12 @@ class PairRunner:
                 for item in batch:
                     yield from self._score(method, [item], seed)
                 return
-            yield batch[0], None, _first_line(e), time.perf_counter() - t0
+            yield batch[0], None, _first_line(e), time.perf_counter() - t0, 1
             return
         per_item = (time.perf_counter() - t0) / len(batch)
         for item, metrics in zip(batch, results):
-            yield item, metrics, _check_metrics(metrics), per_item
+            numbers = {k: v for k, v in metrics.items() if k != "samples"}
+            yield item, metrics, _check_metrics(numbers), per_item, len(batch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +230,9 @@ class Runner:
         self.opts = opts
         self.registry = get_registry()
         self.index = load_tasks(opts.include_paths, self.registry)
-        self.tasks = self.index.select(opts.tasks)
+        self.task_overrides = parse_task_overrides(opts.task_config, self.index)
+        self.model_args = parse_model_args(opts.model_args)
+        self.tasks = [self.configured(t) for t in self.index.select(opts.tasks)]
         self.methods = select_methods(opts.methods, self.registry)
         self.overrides = parse_method_overrides(opts.method_config, self.registry)
         if opts.limit is not None and opts.limit < 1:
@@ -195,9 +243,31 @@ class Runner:
         for d in self.devices:
             resolve_device(d)
         self.device = resolve_device(self.devices[0])
-        self.dtype = resolve_dtype(opts.dtype, self.device)
+        dtype = opts.dtype
+        if "dtype" in self.model_args:
+            if dtype not in ("auto", self.model_args["dtype"]):
+                raise UsageError(f"--model-args dtype={self.model_args['dtype']} contradicts --dtype {dtype}")
+            dtype = str(self.model_args["dtype"])
+        self.dtype = resolve_dtype(dtype, self.device)
+        if len(self.devices) > 1 and opts.model and opts.model.startswith("memory:"):
+            raise UsageError("an in-memory model cannot be sharded over devices (worker processes cannot see it); "
+                             "save it with save_pretrained() and pass its directory")
         self.store = ResultsStore(opts.output / "results.jsonl")
         self.meta = run_metadata(opts, self.device, self.dtype)  # at the start: the code that produced the numbers
+
+    def configured(self, task: Task, task_config: dict[str, str] | None = None, model: str | None = None,
+                   model_args: dict[str, Any] | None = None) -> Task:
+        """``task`` with this run's --task-config and --model applied (or those given, for an earlier pair)."""
+        overrides = self.task_overrides.get(task.name, {}) if task_config is None else task_config
+        if overrides:
+            task = override_task(task, overrides)
+        model = self.opts.model if model is None else model
+        if model:
+            task = override_model(task, model, self.model_args if model_args is None else model_args, self.registry)
+        if not task.model:
+            raise UsageError(f"{task.path}: task '{task.name}' names no model (model: null); pass --model SPEC "
+                             f"(hf:<repo>, a local directory, organism:<preset>)")
+        return task
 
     def pairs_for(self, task: Task) -> list[Pair]:
         protocol_cls = self.registry.protocols[task.protocol].obj
@@ -216,11 +286,11 @@ class Runner:
             pairs.append(Pair(cls, config, task, config_hash(task, cls.name, config, self.dtype, self.device, version)))
         return pairs
 
-    def run(self) -> int:
+    def run(self) -> dict[str, Any]:
+        """Score every pending item, then write and return the summary (``{}`` in a shard worker)."""
         if len(self.devices) > 1 and self.opts.shard is None:
             return self._run_sharded()
-        summary_entries = []
-        methods_meta, tasks_meta = {}, {}
+        current: list[PairRecord] = []
         for task in self.tasks:
             pairs = self.pairs_for(task)
             if not pairs:
@@ -232,32 +302,61 @@ class Runner:
                     raise UsageError(f"{task.path}: task '{task.name}' has no {self.opts.split} items")
                 pair.items = items[: self.opts.limit] if self.opts.limit else items
                 self._run_pair(pair, protocol, model)
-                summary_entries.append(self._summarize(pair, primary, directions))
-                info = self.registry.methods[pair.method_cls.name]
-                methods_meta[pair.method_cls.name] = {"kind": pair.method_cls.kind, "summary": pair.method_cls.summary,
-                                                      "paper": pair.method_cls.paper, "plugin": info.dist,
-                                                      "version": method_version(pair.method_cls.name, self.registry),
-                                                      **({"requires": list(pair.method_cls.requires)}
-                                                         if pair.method_cls.requires else {})}
-            tasks_meta[task.name] = {"protocol": task.protocol, "model": task.model, "version": task.version,
-                                     "tags": task.tags, "description": task.description, "primary": primary,
-                                     "higher_is_better": directions, "n_items": len(protocol.items())}
+                current.append(self._pair_record(pair, primary, directions, len(protocol.items())))
         if self.opts.shard is not None:
-            return 0
-        summary = {"meta": self.meta, "methods": methods_meta,
-                   "tasks": tasks_meta, "results": summary_entries}
+            return {}
+        manifest = PairManifest(self.opts.output / "pairs.json")
+        summary = build_summary(self.meta, current, manifest, self.store, self._current_hash,
+                                lambda text: console.print(f"[dim]{text}[/dim]"))
+        manifest.save()
         write_json_atomic(self.opts.output / "summary.json", summary)
-        print_summary(summary)
-        return 1 if any(e["errors"] for e in summary_entries) else 0
+        if self.opts.progress:
+            print_summary(summary)
+        return summary
+
+    def _pair_record(self, pair: Pair, primary: str, directions: dict[str, bool], n_items: int) -> PairRecord:
+        """What :mod:`memeval.summary` needs to summarize this pair now and in later runs."""
+        cls, task = pair.method_cls, pair.task
+        info = self.registry.methods[cls.name]
+        return {
+            "method": cls.name, "task": task.name, "config_hash": pair.config_hash,
+            "method_config": dataclasses.asdict(pair.config), "items": pair.items, "primary": primary,
+            "directions": directions, "limited": self.meta["limited"],
+            "task_config": self.task_overrides.get(task.name, {}), "model": self.opts.model,
+            "model_args": self.model_args,
+            "method_meta": {"kind": cls.kind, "summary": cls.summary, "paper": cls.paper, "plugin": info.dist,
+                            "version": method_version(cls.name, self.registry),
+                            **({"requires": list(cls.requires)} if cls.requires else {})},
+            "task_meta": {"protocol": task.protocol, "model": task.model, "version": task.version, "tags": task.tags,
+                          "description": task.description, "primary": primary, "higher_is_better": directions,
+                          "n_items": n_items},
+            "run": {k: self.meta[k] for k in ("date", "command", "git_commit", "memeval_version")},
+        }
+
+    def _current_hash(self, record: PairRecord) -> str | None:
+        """The config hash the current code gives an earlier run's pair (None: method or task is gone)."""
+        if record["method"] not in self.registry.methods or record["task"] not in self.index.tasks:
+            return None
+        task = self.configured(self.index.tasks[record["task"]], record.get("task_config") or {},
+                               record.get("model") or "", record.get("model_args") or {})
+        cls = self.registry.methods[record["method"]].obj
+        config = build_config(cls, record["method_config"], "pairs.json")
+        return config_hash(task, cls.name, config, self.dtype, self.device, method_version(cls.name, self.registry))
 
     def _prepare(self, task: Task):
         seed = task.seed + self.opts.seed
         protocol_cls = self.registry.protocols[task.protocol].obj
         protocol_cls.check_task(task)
-        console.print(f"[bold]{task.name}[/bold]: preparing {task.protocol} on {task.model}")
-        model = protocol_cls.load_model(task, self.device, self.dtype)
-        protocol = protocol_cls(task, model, seed)
-        protocol.prepare()
+        with Progress(TextColumn("[bold]{task.fields[name]}[/bold]: {task.description}"), BarColumn(),
+                      TimeElapsedColumn(), console=console, transient=False, disable=not self.opts.progress) as progress:
+            bar = progress.add_task(f"loading {task.model}", total=None, name=task.name)
+            model = protocol_cls.load_model(task, self.device, self.dtype)
+            progress.update(bar, description=f"preparing {task.protocol}")
+            protocol = protocol_cls(task, model, seed)
+            protocol.on_status = lambda text: progress.update(bar, description=f"preparing {task.protocol}: {text}")
+            protocol.log_samples = self.opts.log_samples
+            protocol.prepare()
+            progress.update(bar, description=f"prepared {task.protocol} on {task.model}", total=1, completed=1)
         directions = {**protocol.metrics(), **task.higher_is_better}
         primary = task.primary or protocol.primary_metric()
         if primary not in directions:
@@ -278,44 +377,32 @@ class Runner:
             model.hf.load_state_dict(fresh.hf.state_dict())
 
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TimeRemainingColumn(), console=console, transient=False) as progress:
+                      TimeRemainingColumn(), console=console, transient=False, disable=not self.opts.progress) as progress:
             bar = progress.add_task(f"{name} · {pair.task.name}", total=len(items), completed=len(items) - len(pending))
-            PairRunner(protocol, model, self.store, restore).run(pair, pending, self.opts.batch_size,
-                                                                 self.opts.seed, progress, bar)
+            samples = (self.opts.output / "samples" / f"{name}__{pair.task.name}.jsonl") if self.opts.log_samples else None
+            PairRunner(protocol, model, self.store, restore, samples).run(pair, pending, self.opts.batch_size,
+                                                                          self.opts.seed, progress, bar)
 
-    def _summarize(self, pair: Pair, primary: str, directions: dict[str, bool]) -> dict[str, Any]:
-        order = {item: i for i, item in enumerate(pair.items)}
-        records = [r for r in self.store.for_pair(pair.method_cls.name, pair.task.name, pair.config_hash)
-                   if r["item"] in order]
-        return {"method": pair.method_cls.name, "task": pair.task.name, "kind": pair.method_cls.kind,
-                "config_hash": pair.config_hash, "method_config": dataclasses.asdict(pair.config),
-                **aggregate(sorted(records, key=lambda r: order[r["item"]]), primary, directions)}
-
-    def _run_sharded(self) -> int:
+    def _run_sharded(self) -> dict[str, Any]:
         """One worker process per device over the same results file, then the summary."""
-        argv = list(self.opts.argv)
+        argv = self.opts.to_argv()
         procs = []
         for index, device in enumerate(self.devices):
             cmd = [sys.executable, "-m", "memeval.cli", *argv, "--device", device, "--shard", f"{index}/{len(self.devices)}"]
             procs.append(subprocess.Popen(cmd))
         codes = [p.wait() for p in procs]
         if any(c == 2 for c in codes):
-            return 2
+            raise UsageError(f"a worker process stopped on a usage error (exit codes {codes}); see its message above")
         self.store.reload()
         self.devices = self.devices[:1]
         return self.run()
 
 
-def print_summary(summary: dict[str, Any]) -> None:
-    """The end-of-run table: one row per (method, task) pair, names never cut (:mod:`memeval.tables`)."""
-    from memeval.tables import print_table
+def exit_code(summary: dict[str, Any]) -> int:
+    """0 when every item was scored, 1 when some failed (their errors are in results.jsonl)."""
+    return 1 if any(e["errors"] for e in summary.get("results", [])) else 0
 
-    rows = []
-    for e in summary["results"]:
-        p = e["primary"]
-        value = "—" if p["value"] is None else f"{p['value']:.4g} ± {p['stderr']:.2g}"
-        arrow = "↑" if p["higher_is_better"] else "↓"
-        rows.append([e["method"], e["task"], str(e["n"]), str(e["errors"]), f"{p['name']} {arrow}", value,
-                     "—" if e["seconds_per_item"] is None else f"{e['seconds_per_item']:.3g}"])
-    print_table("memeval summary", ["method", "task", "n", "errors", "primary metric", "value ± stderr", "s/item"],
-                rows, right=("n", "errors", "s/item"))
+
+def execute(opts: RunOptions) -> dict[str, Any]:
+    """Run ``opts`` and return the summary (the schema of ``summary.json``)."""
+    return Runner(opts).run()

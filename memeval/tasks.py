@@ -5,7 +5,9 @@ A task file holds one mapping::
     task: del_organism                 # unique name (required)
     version: 1                         # bump when a change alters the numbers (required)
     protocol: deletion                 # a registered protocol (required)
-    model: organism:tiny               # organism:<preset> | hf:<repo>[@rev] | a local path (required)
+    model: organism:tiny               # organism:<preset> | hf:<repo>[@rev] | a local path | null (required;
+                                       #   null: the model is given with --model)
+    model_args: {revision: main}       # keyword arguments for loading (see memeval.models.MODEL_ARGS)
     tags: [del]                        # groups this task belongs to
     description: ...                   # one paragraph for listings and the leaderboard
     data: {...}                        # checked against the protocol's Data dataclass
@@ -20,6 +22,9 @@ Every problem is reported as one line ``file:line: message`` (a :class:`UsageErr
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +42,7 @@ except ImportError:  # pragma: no cover - libyaml missing
     from yaml import SafeLoader as _Loader
 
 REQUIRED = ("task", "version", "protocol", "model")
-OPTIONAL = ("tags", "description", "data", "params", "metrics", "method_config", "seed")
+OPTIONAL = ("tags", "description", "data", "params", "metrics", "method_config", "seed", "model_args")
 
 
 @dataclass
@@ -57,15 +62,46 @@ class Task:
     method_config: dict[str, dict[str, Any]] = field(default_factory=dict)
     method_config_lines: dict[str, int] = field(default_factory=dict)
     seed: int = 0
+    model_args: dict[str, Any] = field(default_factory=dict)
 
     def definition(self) -> dict[str, Any]:
         """What determines this task's numbers (hashed into every result's config hash)."""
-        return {
+        out = {
             "task": self.name, "version": self.version, "protocol": self.protocol, "model": self.model,
             "data": dataclasses.asdict(self.data) if dataclasses.is_dataclass(self.data) else self.data,
             "params": dataclasses.asdict(self.params) if dataclasses.is_dataclass(self.params) else self.params,
             "seed": self.seed,
         }
+        if self.model_args:  # absent when empty, so tasks without them keep their hashes
+            out["model_args"] = dict(sorted(self.model_args.items()))
+        files = data_file_digests(self.data)
+        if files:  # a data file that changed gives new numbers: its content is part of the definition
+            out["data_files"] = files
+        return out
+
+
+def data_file_digests(data: Any) -> dict[str, str]:
+    """SHA-256 (first 16 hex digits) of each existing file a ``data`` field ending in ``path`` names."""
+    if not dataclasses.is_dataclass(data):
+        return {}
+    out = {}
+    for f in dataclasses.fields(data):
+        value = getattr(data, f.name)
+        if f.name.endswith("path") and isinstance(value, str) and value:
+            path = Path(os.path.expandvars(os.path.expanduser(value)))
+            if path.is_file():
+                st = path.stat()
+                out[f.name] = _digest(str(path.resolve()), st.st_mtime_ns, st.st_size)
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _digest(path: str, mtime_ns: int, size: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,7 +228,7 @@ def parse_task(path: Path, registry: Registry | None = None) -> Task:
         name=name,
         version=_expect(doc["version"], int, where, "version"),
         protocol=protocol_name,
-        model=_expect(doc["model"], str, where, "model"),
+        model=_expect(doc["model"], str | None, where, "model") or "",
         path=path,
         line=root.line,
         tags=_expect(doc["tags"], list[str], where, "tags") if "tags" in doc else [],
@@ -201,6 +237,13 @@ def parse_task(path: Path, registry: Registry | None = None) -> Task:
         params=_dataclass_from(protocol.Params, doc.get("params"), where, "params"),
         seed=_expect(doc["seed"], int, where, "seed") if "seed" in doc else 0,
     )
+    if "model_args" in doc:
+        from memeval.models import parse_model_args
+
+        node = doc["model_args"]
+        if not isinstance(node.value, dict):
+            raise UsageError(f"{where}:{node.line}: 'model_args' must be a mapping, e.g. {{revision: main}}")
+        task.model_args = parse_model_args(_plain(node), f"{where}:{node.line}: model_args")
     if "metrics" in doc:
         _parse_metrics(task, doc["metrics"], where)
     if "method_config" in doc:
@@ -291,3 +334,58 @@ def load_tasks(include_paths: Iterable[Path] = (), registry: Registry | None = N
         for tag in task.tags:
             groups.setdefault(tag, []).append(task.name)
     return TaskIndex(tasks, groups)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line overrides (--task-config, --model)
+
+
+def parse_task_overrides(items: list[str], index: TaskIndex) -> dict[str, dict[str, str]]:
+    """``TASK.data.KEY=VALUE`` / ``TASK.params.KEY=VALUE`` strings → {task: {"data.KEY": value}}."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        target, eq, value = item.partition("=")
+        name, _, key = target.partition(".")
+        section, _, field_name = key.partition(".")
+        if not eq or not name or section not in ("data", "params") or not field_name:
+            raise UsageError(f"--task-config '{item}': expected TASK.data.KEY=VALUE or TASK.params.KEY=VALUE, "
+                             f"e.g. del_file.data.path=memorized.jsonl")
+        if name not in index.tasks:
+            raise UsageError(f"--task-config '{item}': unknown task '{name}'{closest(name, list(index.tasks))}")
+        out.setdefault(name, {})[key] = value
+    return out
+
+
+def override_task(task: Task, overrides: dict[str, Any], source: str = "--task-config") -> Task:
+    """A copy of ``task`` with ``data``/``params`` fields replaced, each value typed and checked as the
+    YAML's is (``{"data.path": "x.jsonl", "params.ratios": "0.1,0.2"}``); the config hash follows."""
+    sections: dict[str, dict[str, Any]] = {"data": {}, "params": {}}
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if section not in sections or not name:
+            raise UsageError(f"{source} {task.name}.{key}: expected data.KEY or params.KEY")
+        obj = getattr(task, section)
+        fields = [f.name for f in dataclasses.fields(obj)]
+        if name not in fields:
+            raise UsageError(f"{source} {task.name}.{key}: task '{task.name}' has no {section} key '{name}'"
+                             f"{closest(name, fields)}; it has: {', '.join(fields)}")
+        hint = typing.get_type_hints(type(obj))[name]
+        sections[section][name] = coerce_value(value, hint, f"{source} {task.name}.{key}")
+    changed = {}
+    for section, values in sections.items():
+        if values:
+            try:
+                changed[section] = dataclasses.replace(getattr(task, section), **values)
+            except (ValueError, TypeError) as e:
+                raise UsageError(f"{source} {task.name}.{section}: {e}") from None
+    return dataclasses.replace(task, **changed)
+
+
+def override_model(task: Task, spec: str, model_args: dict[str, Any], registry: Registry | None = None) -> Task:
+    """A copy of ``task`` scoring the model ``spec`` (``--model``) with ``model_args``; a task whose data
+    belong to its own model refuses in one line (:meth:`memeval.protocols.Protocol.model_override_refusal`)."""
+    registry = registry or get_registry()
+    why = registry.protocols[task.protocol].obj.model_override_refusal(task)
+    if why:
+        raise UsageError(f"--model {spec}: task '{task.name}' cannot score another model: {why}")
+    return dataclasses.replace(task, model=spec, model_args={**task.model_args, **model_args})

@@ -9,7 +9,7 @@ the batch it is in (the runner's batch-size guarantee).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from memeval.api import Method
 
@@ -41,13 +41,24 @@ class Protocol:
         """Fail fast (a :class:`UsageError`) on what is missing before the model is loaded, e.g. data files."""
 
     @classmethod
+    def model_override_refusal(cls, task: "Task") -> str | None:
+        """Why ``--model`` cannot replace this task's model, or None. By default a task whose
+        ``data.source`` is not ``file`` refuses: its sequences (an organism's memorized set, its training
+        documents) belong to the model the task names, and would mean nothing on another."""
+        source = getattr(task.data, "source", "file")
+        if source != "file":
+            return (f"its data (data.source: {source}) belong to {task.model}; use a file task "
+                    f"(`memeval ls tasks` lists them) with --task-config TASK.data.path=...")
+        return None
+
+    @classmethod
     def load_model(cls, task: "Task", device, dtype) -> "NeuronModel":
         """The model the runner hands to the protocol (and reloads to restore weights a method changed):
         the task's ``model`` spec loaded as a :class:`NeuronModel`. A protocol that trains its own models
         (detection) returns a lighter handle that still has ``fingerprint()``."""
         from memeval.models import load_model
 
-        return load_model(task.model, device, dtype)
+        return load_model(task.model, device, dtype, task.model_args)
 
     def __init__(self, task: "Task", model: "NeuronModel", seed: int) -> None:
         self.task = task
@@ -55,6 +66,12 @@ class Protocol:
         self.seed = seed
         self.data: Any = task.data
         self.params: Any = task.params
+        self.log_samples = False  # set by the runner for --log-samples (see evaluate)
+        self.on_status: Callable[[str], None] = lambda text: None  # set by the runner to show prepare()'s step
+
+    def status(self, text: str) -> None:
+        """Say what :meth:`prepare` is doing now (shown beside the preparation's elapsed time)."""
+        self.on_status(text)
 
     def prepare(self) -> None:
         """Build data and ground truth (may be slow; called once, before any method runs)."""
@@ -75,5 +92,9 @@ class Protocol:
         raise NotImplementedError
 
     def evaluate(self, method: Method, item_ids: list[str]) -> list[dict[str, float]]:
-        """Run ``method`` on the items (one batch) and return one metrics dict per item, in order."""
+        """Run ``method`` on the items (one batch) and return one metrics dict per item, in order.
+
+        When ``self.log_samples`` is set, a protocol may add to an item's dict the key ``"samples"``: a
+        JSON-serializable record of what the model generated (before and after), which the runner writes to
+        ``OUTPUT/samples/`` instead of the metrics."""
         raise NotImplementedError

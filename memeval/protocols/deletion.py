@@ -26,7 +26,7 @@ from memeval.metrics import perplexity, perplexity_base2
 from memeval.models import NeuronModel
 from memeval.protocols.base import Protocol
 from memeval.protocols.measure import mean_token_nll, suffix_stats
-from memeval.protocols.sources import (load_prompt_rows, load_token_rows, organism_for, resolve_path, split_dev,
+from memeval.protocols.sources import (beside, load_prompt_rows, load_token_rows, organism_for, resolve_path, split_dev,
                                        texts_to_sequences)
 
 MEMPI_DATA = ("the MemPi data files (github.com/terarachang/MemPi, data/pile/ and data/manual/) must be "
@@ -36,13 +36,13 @@ MEMPI_DATA = ("the MemPi data files (github.com/terarachang/MemPi, data/pile/ an
 @dataclass
 class DeletionData:
     source: str = "organism"  # organism | file
-    path: str | None = None  # file: .pt LongTensor [N, T] or JSONL (input_ids | prompt/all)
+    path: str | None = None  # file: .pt LongTensor [N, T] or JSONL (input_ids | text | prompt/all)
     format: str = "tokens"  # tokens | prompts (MemPi's GPT2-XL JSONL with {prompt, all})
     prefix_tokens: int | None = None  # file/tokens: prefix length (MemPi Pythia: 32); organism: its own
     targets: int = 50  # test targets (after the dev split)
     dev: int = 5  # dev targets for tuning hyperparameters (never scored)
     negatives: int = 100  # other memorized sequences re-measured for Neg
-    ppl_path: str | None = None  # file: .pt LongTensor [N, T] of text for Rand-PPL
+    ppl_path: str | None = None  # file: .pt [N, T] or JSONL (input_ids | text) for Rand-PPL; default: heldout.jsonl beside path
     ppl_sequences: int = 64
     ppl_tokens: int = 128
 
@@ -51,6 +51,8 @@ class DeletionData:
             raise ValueError(f"source must be organism or file, got {self.source!r}")
         if self.format not in ("tokens", "prompts"):
             raise ValueError(f"format must be tokens or prompts, got {self.format!r}")
+        if self.source == "file":
+            self.ppl_path = beside(self.path, self.ppl_path, "heldout.jsonl")
 
 
 @dataclass
@@ -119,10 +121,10 @@ class DeletionProtocol(Protocol):
             return memorized, ppl
         path = resolve_path(self.data.path, "the memorized sequences", MEMPI_DATA)
         memorized = (load_prompt_rows(path, tok) if self.data.format == "prompts"
-                     else load_token_rows(path, self.data.prefix_tokens or 32))
+                     else load_token_rows(path, self.data.prefix_tokens or 32, tok))
         ppl_path = resolve_path(self.data.ppl_path, "the Rand-PPL text", MEMPI_DATA)
         ppl = [TokenSequence(s.id, s.input_ids[: self.data.ppl_tokens], 0)
-               for s in load_token_rows(ppl_path, 0)[: self.data.ppl_sequences]]
+               for s in load_token_rows(ppl_path, 0, tok)[: self.data.ppl_sequences]]
         return memorized, ppl
 
     def items(self) -> list[str]:

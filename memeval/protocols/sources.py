@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,28 +31,61 @@ def organism_for(model_spec: str):
 
 def resolve_path(path: str | None, what: str, where_to_get: str) -> Path:
     if not path:
-        raise UsageError(f"data.path is required for {what}; {where_to_get}")
+        raise UsageError(f"a data path is required for {what} (set it in the YAML or with --task-config "
+                         f"TASK.data.KEY=FILE; `memeval memorized extract` writes memorized.jsonl); {where_to_get}")
     expanded = Path(os.path.expandvars(os.path.expanduser(path)))
-    if "$" in str(expanded):
-        raise UsageError(f"data.path '{path}': environment variable not set; {where_to_get}")
+    unset = [m.group(1) or m.group(2) for m in re.finditer(r"\$\{(\w+)\}|\$(\w+)", str(expanded))]
+    if unset:
+        raise UsageError(f"data path '{path}': environment variable {', '.join(unset)} is not set; {where_to_get}")
     if not expanded.exists():
         raise UsageError(f"data.path '{expanded}' not found ({what}); {where_to_get}")
     return expanded
 
 
-def load_token_rows(path: Path, prefix_len: int) -> list[TokenSequence]:
-    """Sequences from a ``.pt`` LongTensor ``[N, T]`` (MemPi's Pythia sets) or a JSONL file with
-    ``input_ids`` (and optional ``prefix_len``) per line."""
-    rows: list[tuple[list[int], int]] = []
+def load_token_rows(path: Path, prefix_len: int, tokenizer: Any = None) -> list[TokenSequence]:
+    """Sequences from a ``.pt`` LongTensor ``[N, T]`` (MemPi's Pythia sets) or a JSONL file with, per line,
+    ``input_ids`` or ``text`` (tokenized with ``tokenizer``, the scored model's), and optionally ``id`` and
+    ``prefix_len`` (what ``memeval memorized extract`` writes). Token ids win when a line has both: they are
+    exactly what was measured."""
     if path.suffix == ".pt":
         tensor = torch.load(path, map_location="cpu")
-        rows = [(r.tolist(), prefix_len) for r in tensor]
-    else:
-        for line in path.read_text().splitlines():
-            if line.strip():
-                obj = json.loads(line)
-                rows.append((obj["input_ids"], int(obj.get("prefix_len", prefix_len))))
-    return [TokenSequence(f"{path.stem}:{i}", tuple(ids), p) for i, (ids, p) in enumerate(rows)]
+        return [TokenSequence(f"{path.stem}:{i}", tuple(r.tolist()), prefix_len) for i, r in enumerate(tensor)]
+    out = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not UTF-8 text; expected JSONL with input_ids or text per line") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}:{n}: not JSON ({e.msg}); expected {{\"input_ids\": [...]}} or {{\"text\": ...}}") from None
+        if not isinstance(obj, dict):
+            raise UsageError(f"{path}:{n}: expected an object with input_ids or text")
+        if isinstance(obj.get("input_ids"), list) and all(isinstance(t, int) for t in obj["input_ids"]):
+            ids = obj["input_ids"]
+        elif isinstance(obj.get("text"), str):
+            if tokenizer is None:
+                raise UsageError(f"{path}:{n}: a text line needs the model's tokenizer here; give input_ids")
+            ids = tokenizer(obj["text"])["input_ids"]
+        else:
+            raise UsageError(f"{path}:{n}: expected \"input_ids\" (a list of ints) or \"text\" (a string)")
+        rows_prefix = obj.get("prefix_len", prefix_len)
+        if not isinstance(rows_prefix, int) or rows_prefix < 0:
+            raise UsageError(f"{path}:{n}: prefix_len must be a non-negative integer, got {rows_prefix!r}")
+        out.append(TokenSequence(str(obj.get("id", f"{path.stem}:{len(out)}")), tuple(ids), rows_prefix))
+    return out
+
+
+def beside(path: str | None, default: str | None, name: str) -> str | None:
+    """``default`` if set, else ``name`` in the folder of ``path`` when that file exists (the layout written by
+    ``memeval memorized extract``: memorized.jsonl with heldout.jsonl beside it)."""
+    if default or not path:
+        return default
+    candidate = Path(os.path.expandvars(os.path.expanduser(path))).parent / name
+    return str(candidate) if candidate.is_file() else None
 
 
 def load_prompt_rows(path: Path, tokenizer: Any) -> list[TokenSequence]:
@@ -66,8 +100,19 @@ def load_prompt_rows(path: Path, tokenizer: Any) -> list[TokenSequence]:
 
 
 def load_texts(path: Path, key: str) -> list[str]:
-    """One text per JSONL line under ``key`` (e.g. ECBD's ``definition``)."""
-    return [json.loads(l)[key] for l in path.read_text().splitlines() if l.strip()]
+    """One text per JSONL line under ``key`` (e.g. ECBD's ``definition``, or ``text``)."""
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}:{n}: not JSON ({e.msg}); expected an object with a \"{key}\" string") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get(key), str):
+            raise UsageError(f"{path}:{n}: expected an object with a \"{key}\" string (data.key: {key})")
+        out.append(obj[key])
+    return out
 
 
 def split_dev(items: list[Any], dev: int, seed: int) -> tuple[list[Any], list[Any]]:

@@ -48,7 +48,7 @@ from memeval.metrics import (NDCG_K, forget_collateral_auc, fraction_removed, gr
                              token_nll)
 from memeval.models import NeuronModel
 from memeval.protocols.base import Protocol
-from memeval.protocols.sources import load_token_rows, organism_for, resolve_path, texts_to_sequences
+from memeval.protocols.sources import beside, load_token_rows, organism_for, resolve_path, texts_to_sequences
 
 PAPER_DATA = ("put the memorized sequences (JSONL with input_ids and prefix_len, or a .pt LongTensor), held-out "
               "and general text (.pt LongTensor [N, T] or JSONL input_ids) under $MEMEVAL_DATA/specificity "
@@ -60,7 +60,7 @@ class SpecificityData:
     source: str = "organism"  # organism | file
     path: str | None = None  # file: memorized sequences (.pt [N, T] or JSONL input_ids/prefix_len)
     prefix_tokens: int | None = None  # file: prefix length when the rows do not give one
-    ppl_path: str | None = None  # file: held-out text (tokens) for perplexity and nDCG@10
+    ppl_path: str | None = None  # file: held-out text (input_ids | text) for perplexity and nDCG@10; default: heldout.jsonl beside path
     retain_path: str | None = None  # file: general text (tokens) handed to editors as the retain set
     facts_path: str | None = None  # file: optional JSONL {prompt, answer} fact-recall probes
     arithmetic_path: str | None = None  # file: optional JSONL {prompt, answer} arithmetic probes
@@ -74,6 +74,8 @@ class SpecificityData:
     def __post_init__(self) -> None:
         if self.source not in ("organism", "file"):
             raise ValueError(f"source must be organism or file, got {self.source!r}")
+        if self.source == "file":
+            self.ppl_path = beside(self.path, self.ppl_path, "heldout.jsonl")
 
 
 @dataclass
@@ -224,10 +226,10 @@ class SpecificityProtocol(Protocol):
             facts = probe_sequences(org.facts[: d.probes], tok, "fact") if d.probes else []
             arith = probe_sequences(org.arithmetic[: d.probes], tok, "arith") if d.probes else []
             return memorized, heldout, retain, facts, arith
-        memorized = load_token_rows(resolve_path(d.path, "the memorized sequences", PAPER_DATA), d.prefix_tokens or 32)
+        memorized = load_token_rows(resolve_path(d.path, "the memorized sequences", PAPER_DATA), d.prefix_tokens or 32, tok)
 
         def text(path, what, n):
-            rows = load_token_rows(resolve_path(path, what, PAPER_DATA), 0)[:n]
+            rows = load_token_rows(resolve_path(path, what, PAPER_DATA), 0, tok)[:n]
             return [TokenSequence(s.id, s.input_ids[: d.ppl_tokens if what == "the held-out text" else d.retain_tokens], 0)
                     for s in rows]
 
