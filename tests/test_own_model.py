@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import memeval
 from memeval.cli import main
@@ -221,7 +222,7 @@ def test_del_file_on_the_exported_organism_equals_the_organism_task(micro_organi
     (tmp_path / "tasks" / "del_micro.yaml").write_text(DEL_MICRO)
     common = ["--methods", "random,activations", "--device", "cpu"]
     assert main([*common, "--tasks", "del_micro", "--include-path", str(tmp_path / "tasks"),
-                 "--output", str(tmp_path / "org")]) == 0
+                 "--output", str(tmp_path / "org"), "--log-samples"]) == 0
     overrides = ["data.path=" + str(exported / "organism_memorized.jsonl"), "data.targets=12", "data.dev=0",
                  "data.negatives=10", "data.ppl_sequences=6", "data.ppl_tokens=48", "params.ratios=0.05,0.2"]
     assert main([*common, "--tasks", "del_file", "--model", str(exported), "--output", str(tmp_path / "file"),
@@ -229,3 +230,21 @@ def test_del_file_on_the_exported_organism_equals_the_organism_task(micro_organi
     org = {(m, i): v for (m, _, i), v in per_item(tmp_path / "org").items()}
     file = {(m, i): v for (m, _, i), v in per_item(tmp_path / "file").items()}
     assert len(org) == 2 * len(micro_organism.memorized) and org == file
+
+    # --log-samples: per item the prefix, the true suffix and the greedy continuations before and after
+    rows = [json.loads(l) for l in (tmp_path / "org" / "samples" / "random__del_micro.jsonl").read_text().splitlines()]
+    assert sorted(r["item"] for r in rows) == sorted(i for (m, i) in org if m == "random")
+    model = micro_organism.load()
+    tok = model.tokenizer
+    by_id = {m["id"]: m for m in micro_organism.memorized}
+    for row in rows:
+        (sample,) = row["samples"]
+        seq = by_id[sample["id"]]
+        prefix = torch.tensor([seq["input_ids"][: seq["prefix_len"]]])
+        n_new = len(seq["input_ids"]) - seq["prefix_len"]
+        plain = model.hf.generate(prefix, attention_mask=torch.ones_like(prefix), max_new_tokens=n_new,
+                                  min_new_tokens=n_new, do_sample=False, pad_token_id=model.pad_id)
+        assert sample["before"] == tok.decode(plain[0, prefix.shape[1]:], skip_special_tokens=True)
+        assert sample["suffix"] == tok.decode(seq["input_ids"][seq["prefix_len"]:], skip_special_tokens=True)
+        assert set(sample) == {"id", "prefix", "suffix", "before", "after@0.05", "after@0.2"}
+    assert all("samples" not in r.get("metrics", {}) for r in map(json.loads, open(tmp_path / "org" / "results.jsonl")))

@@ -167,17 +167,23 @@ def spec_env(memeval_plugin, tiny_model_dir, tmp_path, monkeypatch):
     return model_dir, tmp_path
 
 
-def _run(tmp: Path, methods: str) -> dict:
+def _run(tmp: Path, methods: str, *extra: str) -> dict:
     code = main(["--methods", methods, "--tasks", "spec_tiny", "--include-path", str(tmp / "tasks"),
-                 "--output", str(tmp / "out"), "--device", "cpu"])
+                 "--output", str(tmp / "out"), "--device", "cpu", *extra])
     assert code == 0
     return {(r["method"], r["item"]): r for r in map(json.loads, (tmp / "out" / "results.jsonl").read_text().splitlines())}
 
 
 def test_specificity_identity_editor_changes_nothing(spec_env):
     _, tmp = spec_env
-    recs = _run(tmp, "identity_editor")
+    recs = _run(tmp, "identity_editor", "--log-samples")
     assert len(recs) == 2
+    logged = [json.loads(l) for l in (tmp / "out" / "samples" / "identity_editor__spec_tiny.jsonl").open()]
+    assert sorted(r["item"] for r in logged) == ["set0", "set1"]
+    for row in logged:
+        assert len(row["samples"]) == 3  # the forget set
+        for sample in row["samples"]:  # an edit that changes nothing generates what the model generated before
+            assert sample["after@0.05"] == sample["after@0.125"] == sample["before"]
     for rec in recs.values():
         m = rec["metrics"]
         for b in ("0.05", "0.125"):
@@ -240,7 +246,7 @@ def test_specificity_paper_tasks_fail_clearly_without_weights_or_data(capsys, tm
     code = main(["--methods", "random", "--tasks", "specificity_paper", "--output", str(tmp_path), "--limit", "1"])
     err = capsys.readouterr().err
     assert code == 2
-    assert err.count("\n") == 1 and ("cannot load it" in err or "data.path" in err)
+    assert err.count("\n") == 1 and ("cannot load it" in err or "environment variable MEMEVAL_DATA is not set" in err)
 
 
 # ---------------------------------------------------------------------------------------------

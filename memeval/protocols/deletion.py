@@ -25,7 +25,7 @@ from memeval.errors import UsageError
 from memeval.metrics import perplexity, perplexity_base2
 from memeval.models import NeuronModel
 from memeval.protocols.base import Protocol
-from memeval.protocols.measure import mean_token_nll, suffix_stats
+from memeval.protocols.measure import SampleLog, mean_token_nll, suffix_stats
 from memeval.protocols.sources import (beside, load_prompt_rows, load_token_rows, organism_for, resolve_path, split_dev,
                                        texts_to_sequences)
 
@@ -106,6 +106,7 @@ class DeletionProtocol(Protocol):
         self.before_self = self._stats_on(self.model, list(self.targets.values()))
         self.before_neg = self._stats_on(self.model, self.negatives)
         self.before_ppl = self._ppl()
+        self.sample_log = SampleLog(self.model)
         if self.params.granularity == "set":
             rng = random.Random(self.seed + 1)
             ids = [i for i in self.targets if i not in self.dev_ids]
@@ -193,17 +194,30 @@ class DeletionProtocol(Protocol):
             group_scores = scores[row : row + len(members)].float().mean(0)
             row += len(members)
             metrics = {"self_acc_before": sum(self.before_self[m][0] for m in members) / len(members)}
+            after = {}
             for ratio in self.params.ratios:
                 with self._ablated(group_scores, ratio):
                     metrics.update(self._measure(self.model, members, ratio))
+                    if self.log_samples:
+                        after[f"after@{ratio:g}"] = self.sample_log.continuations(self.model, self._seqs(members))
+            if self.log_samples:
+                metrics["samples"] = self.sample_log.rows(self._seqs(members), after)
             out.append(metrics)
         return out
+
+    def _seqs(self, members: list[str]) -> list[TokenSequence]:
+        return [self.targets[m] for m in members]
 
     def _evaluate_editor(self, method: Editor, item: str) -> dict[str, float]:
         members = self.sets[item]
         forget = SequenceSet([self.targets[m] for m in members], self.model.pad_id)
         metrics = {"self_acc_before": sum(self.before_self[m][0] for m in members) / len(members)}
+        after = {}
         for ratio in self.params.ratios:
             edited = method.edit(self.model, forget, None, ratio)
             metrics.update(self._measure(edited, members, ratio))
+            if self.log_samples:
+                after[f"after@{ratio:g}"] = self.sample_log.continuations(edited, self._seqs(members))
+        if self.log_samples:
+            metrics["samples"] = self.sample_log.rows(self._seqs(members), after)
         return metrics

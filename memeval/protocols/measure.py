@@ -46,3 +46,32 @@ def mean_token_nll(model: NeuronModel, seqs: list[TokenSequence], batch_size: in
         total += float((nll * batch.loss_mask).sum())
         count += int(batch.loss_mask.sum())
     return total / count
+
+
+class SampleLog:
+    """``--log-samples``: per sequence its prefix, true suffix and the model's greedy continuation before and
+    after an edit, decoded, so a reader sees what was forgotten. ``before`` is generated once per sequence."""
+
+    def __init__(self, model: NeuronModel) -> None:
+        self.model = model
+        self._before: dict[str, str] = {}
+
+    def continuations(self, model: NeuronModel, seqs: list[TokenSequence]) -> dict[str, str]:
+        """The decoded greedy continuation (suffix length) of each sequence's prefix under ``model``."""
+        from memeval.generation import greedy_match
+        from memeval.memorized import decode
+
+        return {s.id: decode(model.tokenizer, m.continuation) for s, m in zip(seqs, greedy_match(model, seqs))}
+
+    def rows(self, seqs: list[TokenSequence], after: dict[str, dict[str, str]]) -> list[dict[str, str]]:
+        """One record per sequence: ``{"id", "prefix", "suffix", "before", <label>: continuation...}`` where
+        ``after`` maps a label (``after@0.05``) to the continuations generated under that edit."""
+        from memeval.memorized import decode
+
+        missing = [s for s in seqs if s.id not in self._before]
+        if missing:
+            self._before.update(self.continuations(self.model, missing))
+        tok = self.model.tokenizer
+        return [{"id": s.id, "prefix": decode(tok, s.input_ids[: s.prefix_len]),
+                 "suffix": decode(tok, s.input_ids[s.prefix_len:]), "before": self._before[s.id],
+                 **{label: texts[s.id] for label, texts in after.items()}} for s in seqs]

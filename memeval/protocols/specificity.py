@@ -48,6 +48,7 @@ from memeval.metrics import (NDCG_K, forget_collateral_auc, fraction_removed, gr
                              token_nll)
 from memeval.models import NeuronModel
 from memeval.protocols.base import Protocol
+from memeval.protocols.measure import SampleLog
 from memeval.protocols.sources import beside, load_token_rows, organism_for, resolve_path, texts_to_sequences
 
 PAPER_DATA = ("put the memorized sequences (JSONL with input_ids and prefix_len, or a .pt LongTensor), held-out "
@@ -212,6 +213,7 @@ class SpecificityProtocol(Protocol):
         self.heldout, self.retain = heldout, SequenceSet(retain, self.model.pad_id)
         self.facts, self.arith = facts, arith
         self.before = self._measure_base()
+        self.sample_log = SampleLog(self.model)
 
     def _load(self):
         tok = self.model.tokenizer
@@ -317,14 +319,18 @@ class SpecificityProtocol(Protocol):
             metrics["fact_acc_before"] = base["fact"]
         if self.arith:
             metrics["arith_acc_before"] = base["arith"]
-        points = []
+        points, after = [], {}
         for b in self.params.budgets:
             edited = editor.edit(self.model, forget, self.retain, b)
             if edited is self.model:
                 raise RuntimeError(f"{editor.name}: edit returned the model it was given (it must return a new one)")
             m = self.measure(edited, members, others)
+            if self.log_samples:
+                after[f"after@{b:g}"] = self.sample_log.continuations(edited, list(forget.sequences))
             del edited
             points.append((m["collateral"], m["forget_em_drop"]))
             metrics.update({budget_key(k, b): v for k, v in m.items()})
         metrics["forget_collateral_auc"] = forget_collateral_auc(points, self.params.max_ppl_increase)
+        if self.log_samples:
+            metrics["samples"] = self.sample_log.rows(list(forget.sequences), after)
         return metrics
