@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--device", default="auto")
     ex.add_argument("--dtype", default="auto")
 
-    sub.add_parser("plugins", help="list loaded plugins as JSON")
+    pl = sub.add_parser("plugins", help="list the loaded plugins: distribution, version, methods, protocols")
+    pl.add_argument("--json", action="store_true")
     return parser
 
 
@@ -200,17 +201,10 @@ def cmd_organism(args: argparse.Namespace) -> int:
     return organism_cli.info_command(args.preset, args.arch, args.seed, args.json)
 
 
-def cmd_plugins() -> int:
-    from memeval.plugins import get_registry
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from memeval.listing import list_plugins
 
-    reg = get_registry()
-    rows: dict[str, dict] = {}
-    for kind, table in (("methods", reg.methods), ("protocols", reg.protocols)):
-        for name, p in table.items():
-            rows.setdefault(p.plugin, {"name": p.plugin, "distribution": p.dist, "methods": [], "protocols": []})
-            rows[p.plugin][kind].append(name)
-    print(json.dumps(sorted(rows.values(), key=lambda r: r["name"]), indent=2))
-    return 0
+    return list_plugins(args.json)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_organism(args)
         if args.command == "memorized":
             return cmd_memorized(args)
-        return cmd_plugins()
+        return cmd_plugins(args)
     except UsageError as e:
         print(f"memeval: error: {e}", file=sys.stderr)
         return 2

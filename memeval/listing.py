@@ -1,4 +1,4 @@
-"""``memeval ls methods`` and ``memeval ls tasks``: rich tables, or JSON with ``--json``."""
+"""``memeval ls methods``, ``memeval ls tasks`` and ``memeval plugins``: tables, or JSON with ``--json``."""
 
 from __future__ import annotations
 
@@ -32,3 +32,25 @@ def list_tasks(as_json: bool, include_paths: list[Path] | None = None) -> int:
              "description": t.description, "file": str(t.path)}
             for t in sorted(index.tasks.values(), key=lambda t: t.name)]
     return _emit(rows, ["name", "protocol", "tags", "model", "version"], "tasks", as_json)
+
+
+def list_plugins(as_json: bool) -> int:
+    """One row per loaded plugin: its distribution and version, the methods and protocols it registers."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    reg = get_registry()
+    rows: dict[str, dict] = {}
+    for kind, table in (("methods", reg.methods), ("protocols", reg.protocols)):
+        for name, p in table.items():
+            row = rows.setdefault(p.plugin, {"name": p.plugin, "distribution": p.dist, "version": "",
+                                             "methods": [], "protocols": []})
+            row[kind].append(name)
+    for row in rows.values():
+        try:
+            row["version"] = version(row["distribution"])
+        except (PackageNotFoundError, ValueError):
+            row["version"] = "(not installed)"
+        row["methods"].sort()
+        row["protocols"].sort()
+    ordered = sorted(rows.values(), key=lambda r: (r["distribution"], r["name"]))
+    return _emit(ordered, ["name", "distribution", "version", "methods", "protocols"], "plugins", as_json)

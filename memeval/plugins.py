@@ -92,9 +92,6 @@ def get_plugin_manager() -> pluggy.PluginManager:
         return _pm
     pm = pluggy.PluginManager(GROUP)
     pm.add_hookspecs(HookSpecs)
-    if os.environ.get("MEMEVAL_TRACE_PLUGINS"):
-        pm.trace.root.setwriter(lambda msg: print(msg, end="", file=sys.stderr))
-        pm.enable_tracing()
     for module_name in DEFAULT_PLUGINS:
         pm.register(importlib.import_module(module_name), name=module_name)
         _dists[module_name] = CORE_DIST
@@ -163,9 +160,15 @@ def _collect(hook_name: str) -> list[tuple[Any, str, str]]:
     """Call each implementation of a hook separately, so each result keeps its plugin and distribution."""
     pm = get_plugin_manager()
     out = []
+    trace = bool(os.environ.get("MEMEVAL_TRACE_PLUGINS"))
     for impl in getattr(pm.hook, hook_name).get_hookimpls():
-        for obj in impl.function() or []:
-            out.append((obj, impl.plugin_name, _dists.get(impl.plugin_name, "?")))
+        dist = _dists.get(impl.plugin_name, "?")
+        objs = list(impl.function() or [])
+        if trace:
+            names = ", ".join(getattr(o, "name", None) or str(o) for o in objs)
+            print(f"memeval: hook {hook_name}: plugin '{impl.plugin_name}' ({dist}) gave {len(objs)}: {names}",
+                  file=sys.stderr)
+        out.extend((obj, impl.plugin_name, dist) for obj in objs)
     return out
 
 

@@ -153,3 +153,26 @@ def test_entry_point_named_like_a_builtin_is_an_error_naming_both(monkeypatch, c
     assert main(["ls", "methods"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "'random'" in err and "memeval-shadow" in err and "memeval and" in err
+
+
+def test_plugins_command_lists_each_plugin_with_its_distribution_and_methods(memeval_plugin, capsys):
+    from memeval.cli import main
+
+    memeval_plugin(make_plugin("listed_here"), "listing-test-plugin")
+    assert main(["plugins", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["listing-test-plugin"]["methods"] == ["listed_here"]
+    assert {"deletion", "detection", "injection", "specificity"} <= set(rows["memeval.protocols.builtin"]["protocols"])
+    assert rows["zero_out"]["distribution"] == "memeval" and rows["zero_out"]["version"]
+    assert main(["plugins"]) == 0
+    table = capsys.readouterr().out
+    assert "listing-test-plugin" in table and "listed_here" in table
+
+
+def test_trace_plugins_prints_each_hook_call():
+    out = subprocess.run([sys.executable, "-m", "memeval.cli", "ls", "methods", "--json"], capture_output=True,
+                         text=True, env={**__import__("os").environ, "MEMEVAL_TRACE_PLUGINS": "1"})
+    assert out.returncode == 0
+    assert "memeval: hook memeval_methods: plugin 'zero_out' (memeval) gave 1: zero_out" in out.stderr
+    assert "memeval: hook memeval_protocols: plugin 'memeval.protocols.builtin'" in out.stderr
+    json.loads(out.stdout)  # the trace never mixes into the listing
