@@ -31,12 +31,17 @@ ARCHITECTURES = ("gpt2", "gpt_neox", "llama", "olmo2", "qwen2", "opt", "gemma", 
 
 @pytest.fixture
 def memeval_plugin() -> Iterator:
-    """Register plugins for the duration of one test: ``memeval_plugin(module_or_obj, "name")``."""
+    """Register plugins for the duration of one test: ``memeval_plugin(module_or_obj, "name")``.
+
+    A plugin that is already registered (a package installed with its entry point) is left as it is, so the
+    same test runs before and after ``pip install``."""
     from memeval import plugins
 
     names: list[str] = []
 
     def register(obj: object, name: str) -> object:
+        if plugins.get_plugin_manager().is_registered(obj):
+            return obj
         plugins.register(obj, name)
         names.append(name)
         return obj
