@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--limit", type=int, default=None, help="measure at most N windows")
     ex.add_argument("--device", default="auto")
     ex.add_argument("--dtype", default="auto")
+    ex.add_argument("--model-args", default=None, metavar="K=V,...", help="as for `memeval run`")
 
     pl = sub.add_parser("plugins", help="list the loaded plugins: distribution, version, methods, protocols")
     pl.add_argument("--json", action="store_true")
@@ -187,7 +188,7 @@ def cmd_memorized(args: argparse.Namespace) -> int:
 
     cfg = ExtractConfig(prefix_len=args.prefix, suffix_len=args.suffix, stride=args.stride,
                         batch_size=args.batch_size, limit=args.limit)
-    return extract_command(args.model, args.texts, args.out, cfg, args.device, args.dtype)
+    return extract_command(args.model, args.texts, args.out, cfg, args.device, args.dtype, args.model_args)
 
 
 def cmd_organism(args: argparse.Namespace) -> int:

@@ -143,26 +143,17 @@ def write(result: dict[str, Any], out: Path) -> None:
 
 
 def extract_command(model_spec: str, texts_path: Path, out: Path, cfg: ExtractConfig, device: str = "auto",
-                    dtype: str = "auto") -> int:
+                    dtype: str = "auto", model_args: str | None = None) -> int:
     """``memeval memorized extract``: load, extract, write, print the counts."""
-    import torch
-
-    from memeval.models import load_model
+    from memeval.models import load_model, parse_model_args, resolve_device, resolve_dtype
 
     cfg.check()
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a directory")
     texts = read_texts(texts_path)
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    dtypes = {"auto": torch.float32 if dev == "cpu" else torch.bfloat16, "float32": torch.float32,
-              "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise UsageError(f"--dtype {dtype}: expected one of {', '.join(dtypes)}")
-    try:
-        torch.device(dev)
-    except RuntimeError:
-        raise UsageError(f"--device {device}: not a torch device (cpu, cuda, cuda:N)") from None
-    model = load_model(model_spec, device=dev, dtype=dtypes[dtype])
+    args = parse_model_args(model_args)
+    dev = resolve_device(device)
+    model = load_model(model_spec, device=dev, dtype=resolve_dtype(str(args.get("dtype", dtype)), dev), model_args=args)
     result = extract(model, texts, cfg)
     write(result, out)
     r = result["report"]
