@@ -384,7 +384,11 @@ def override_task(task: Task, overrides: dict[str, Any], source: str = "--task-c
 def override_model(task: Task, spec: str, model_args: dict[str, Any], registry: Registry | None = None) -> Task:
     """A copy of ``task`` scoring the model ``spec`` (``--model``) with ``model_args``; a task whose data
     belong to its own model refuses in one line (:meth:`memeval.protocols.Protocol.model_override_refusal`)."""
+    from memeval.models import resolve_spec
+
     registry = registry or get_registry()
+    if not spec.startswith(("memory:", "organism:")):
+        resolve_spec(spec)  # a directory that is not there fails now, in one line, before any data is read
     why = registry.protocols[task.protocol].obj.model_override_refusal(task)
     if why:
         raise UsageError(f"--model {spec}: task '{task.name}' cannot score another model: {why}")

@@ -248,3 +248,27 @@ def test_del_file_on_the_exported_organism_equals_the_organism_task(micro_organi
         assert sample["suffix"] == tok.decode(seq["input_ids"][seq["prefix_len"]:], skip_special_tokens=True)
         assert set(sample) == {"id", "prefix", "suffix", "before", "after@0.05", "after@0.2"}
     assert all("samples" not in r.get("metrics", {}) for r in map(json.loads, open(tmp_path / "org" / "results.jsonl")))
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"text": "' + b"word " * 40 + b'"}\nnot json\n', "memorized.jsonl:2: not JSON"),
+    (b'{"ids": [1, 2, 3]}\n', 'memorized.jsonl:1: expected "input_ids" (a list of ints) or "text" (a string)'),
+    (b'{"text": "abc", "prefix_len": -1}\n', "memorized.jsonl:1: prefix_len must be a non-negative integer"),
+    (b'{"input_ids": [5, 6, 7]}\n', "memorized.jsonl:1: 3 tokens, no more than the prefix (32)"),
+    (b'\xff\xfe{"text": 1}\n', "memorized.jsonl: not UTF-8 text"),
+])
+def test_a_bad_data_file_is_one_line_naming_file_and_line(tiny_model_dir, tmp_path, capsys, content, message):
+    (tmp_path / "memorized.jsonl").write_bytes(content)
+    (tmp_path / "heldout.jsonl").write_text('{"text": "some held-out text"}\n')
+    code = main(["--methods", "random", "--tasks", "del_file", "--model", str(tiny_model_dir("gpt2")),
+                 "--output", str(tmp_path / "out"), "--task-config", f"del_file.data.path={tmp_path / 'memorized.jsonl'}"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("memeval: error:")]
+    assert code == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
+
+
+def test_a_model_that_is_not_there_is_one_line(tmp_path, capsys):
+    code = main(["--methods", "random", "--tasks", "del_file", "--model", str(tmp_path / "nope"),
+                 "--output", str(tmp_path / "out"), "--task-config", "del_file.data.path=x.jsonl"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"model '{tmp_path / 'nope'}': not a directory" in err and len(err.strip().splitlines()) == 1

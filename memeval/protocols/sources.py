@@ -75,6 +75,9 @@ def load_token_rows(path: Path, prefix_len: int, tokenizer: Any = None) -> list[
         rows_prefix = obj.get("prefix_len", prefix_len)
         if not isinstance(rows_prefix, int) or rows_prefix < 0:
             raise UsageError(f"{path}:{n}: prefix_len must be a non-negative integer, got {rows_prefix!r}")
+        if len(ids) <= rows_prefix:
+            raise UsageError(f"{path}:{n}: {len(ids)} tokens, no more than the prefix ({rows_prefix}); each sequence "
+                             f"needs a prefix and a suffix (set data.prefix_tokens or the line's prefix_len)")
         out.append(TokenSequence(str(obj.get("id", f"{path.stem}:{len(out)}")), tuple(ids), rows_prefix))
     return out
 
