@@ -61,10 +61,11 @@ def test_forget_collateral_auc_is_the_staircase_the_readme_defines():
 
 
 def test_loose_match_and_exact_match_hand_computed():
-    assert loose_match("hello world", "hello wor")  # 1 − 2/11 = 0.818
-    assert loose_match("abcd", "abcx")  # exactly 0.75
-    assert not loose_match("abcd", "abxx")  # 0.5
-    assert loose_match("", "")
+    assert loose_match((1, 2, 3, 4), (1, 2, 3, 9))  # token Levenshtein 1 of 4: exactly 0.75
+    assert not loose_match((1, 2, 3, 4), (1, 2, 9, 9))  # 0.5
+    assert not loose_match((5, 1, 2, 3), (1, 2, 3, 4))  # one token inserted, one dropped: d = 2, 0.5
+    assert loose_match((5, 1, 2, 3), (1, 2, 3, 4), threshold=0.5)  # (position-wise accuracy would be 0)
+    assert loose_match((), ())
     correct = torch.tensor([[False, True, True, False], [False, True, False, True], [False, False, False, False]])
     mask = torch.tensor([[False, True, True, False], [False, True, True, True], [False, False, False, False]])
     assert suffix_exact_match(correct, mask).tolist() == [True, False, False]
@@ -314,3 +315,33 @@ def test_an_editor_that_erases_all_memorized_data_does_not_reach_the_top(memeval
     # a perplexity-only collateral would give it 1.0; the headline gives it what it gives doing nothing
     assert forget_collateral_auc([(erase["heldout_ppl_increase@budget=0.05"], 1.0)], 0.5) == pytest.approx(1.0)
     assert erase["forget_collateral_auc"] == 0.0 == identity["forget_collateral_auc"]
+
+
+def test_loose_match_is_on_the_free_greedy_generation(tiny_model_dir):
+    """score_sequences' loose match equals 1 − d/ℓ ≥ t with d the token Levenshtein between ``generate``'s greedy
+    continuation and the suffix (Merullo et al.), not the teacher-forced argmax, at every threshold."""
+    from memeval.api import TokenSequence
+    from memeval.metrics import levenshtein_similarity
+    from memeval.protocols.specificity import score_sequences
+
+    model = load_model(str(tiny_model_dir("gpt2")), "cpu")
+    gen = torch.Generator().manual_seed(3)
+
+    def greedy(prefix: list[int]) -> list[int]:
+        ids = torch.tensor([prefix])
+        out = model.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, min_new_tokens=10,
+                                do_sample=False, pad_token_id=model.pad_id)
+        return out[0, len(prefix):].tolist()
+
+    seqs = []
+    for i in range(6):  # suffix = the model's own greedy continuation with i tokens replaced (from position 2 on)
+        prefix = torch.randint(3, 120, (4,), generator=gen).tolist()
+        suffix = greedy(prefix)
+        for j in range(i):
+            suffix[2 + j] = 3 + (suffix[2 + j] + 50) % 117
+        seqs.append(TokenSequence(f"s{i}", tuple(prefix + suffix), 4))
+    similarity = [levenshtein_similarity(tuple(greedy(list(s.input_ids[:4]))), s.input_ids[4:]) for s in seqs]
+    assert len(set(similarity)) > 1
+    for threshold in sorted(set(similarity)):
+        got = score_sequences(model, seqs, threshold).loose
+        assert got == [x >= threshold for x in similarity], threshold

@@ -31,14 +31,14 @@ def suffix_exact_match(correct: torch.Tensor, loss_mask: torch.Tensor) -> torch.
     return hit & loss_mask.any(-1)
 
 
-def loose_match(continuation: str | Sequence, reference: str | Sequence,
+def loose_match(continuation: Sequence[int], reference: Sequence[int],
                 threshold: float = LOOSE_MATCH_THRESHOLD) -> bool:
-    """Loose match: :func:`levenshtein_similarity` (1 − d / max length) of the greedy continuation and the
-    true suffix is ≥ ``threshold`` (0.75; Merullo et al. 2025's ``loose_acc``, there 1 − d/L over 48 tokens).
+    """Loose match (Merullo et al. 2025's ``loose_acc``): 1 − d/ℓ ≥ ``threshold`` (0.75), where the
+    continuation is the *greedy generation* of ℓ tokens from the prefix, the reference the true ℓ-token suffix
+    and d their token-level Levenshtein distance (:func:`levenshtein_similarity` on token ids).
 
-    memeval compares the decoded strings (characters), so the threshold does not depend on the tokenizer.
-    The continuation is the teacher-forced argmax of each suffix position (exact when greedy decoding is
-    exact; after the first error it is the model's best guess given the true history).
+    Free generation, not teacher forcing: after a first error the model continues from its own tokens, as
+    the paper's ``generate`` does, so one early slip that derails the rest is not forgiven.
     """
     return levenshtein_similarity(continuation, reference) >= threshold
 

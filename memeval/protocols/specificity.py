@@ -118,10 +118,13 @@ def budget_key(name: str, budget: float) -> str:
 
 @torch.no_grad()
 def score_sequences(model: NeuronModel, seqs: list[TokenSequence], threshold: float = 0.75,
-                    batch_size: int = 64) -> SeqScores:
-    """Exact match, loose match and suffix token accuracy of each sequence (one teacher-forced pass)."""
-    em, loose, acc = [], [], []
-    tok = model.tokenizer
+                    batch_size: int = 64, loose: bool = True) -> SeqScores:
+    """Exact match and suffix token accuracy of each sequence (one teacher-forced pass), and its loose match
+    (Merullo et al. 2025): the greedy generation of ℓ tokens from the prefix against the true suffix, token
+    Levenshtein d, similarity 1 − d/ℓ ≥ ``threshold``. ``loose=False`` skips the generation (probes)."""
+    from memeval.generation import greedy_match
+
+    em, acc = [], []
     for start in range(0, len(seqs), batch_size):
         chunk = seqs[start : start + batch_size]
         batch = Batch.from_sequences(chunk, model.pad_id, model.device)
@@ -129,11 +132,9 @@ def score_sequences(model: NeuronModel, seqs: list[TokenSequence], threshold: fl
         correct = token_correct(logits, batch.input_ids)
         em.extend(suffix_exact_match(correct, batch.loss_mask).tolist())
         acc.extend(((correct & batch.loss_mask).sum(-1) / batch.loss_mask.sum(-1).clamp(min=1)).tolist())
-        greedy = greedy_tokens(logits, batch.input_ids).tolist()
-        for row, s in enumerate(chunk):
-            n, p = len(s.input_ids), s.prefix_len
-            loose.append(loose_match(tok.decode(greedy[row][p:n]), tok.decode(list(s.input_ids[p:n])), threshold))
-    return SeqScores(em, loose, acc)
+    matches = [loose_match(m.continuation, s.input_ids[s.prefix_len:], threshold)
+               for s, m in zip(seqs, greedy_match(model, seqs, batch_size))] if loose else [False] * len(seqs)
+    return SeqScores(em, matches, acc)
 
 
 @torch.no_grad()
@@ -253,8 +254,8 @@ class SpecificityProtocol(Protocol):
         per = {q.id: (e, l, a) for q, e, l, a in zip(seqs, s.em, s.loose, s.token_acc)}
         nll, tops, _ = heldout_pass(self.model, self.heldout)
         return {"per": per, "nll": nll, "ppl": perplexity(nll), "tops": tops,
-                "fact": _mean(score_sequences(self.model, self.facts).em) if self.facts else float("nan"),
-                "arith": _mean(score_sequences(self.model, self.arith).em) if self.arith else float("nan")}
+                "fact": _mean(score_sequences(self.model, self.facts, loose=False).em) if self.facts else float("nan"),
+                "arith": _mean(score_sequences(self.model, self.arith, loose=False).em) if self.arith else float("nan")}
 
     # -- the task's shape ---------------------------------------------------------------------
     def items(self) -> list[str]:
@@ -294,10 +295,10 @@ class SpecificityProtocol(Protocol):
         out["other_em_drop"] = fraction_removed(out["other_em"], _mean(self.before["per"][i][0] for i in others))
         losses = [out["heldout_ppl_increase"], out["other_em_drop"]]
         if self.facts:
-            out["fact_acc"] = _mean(score_sequences(model, self.facts).em)
+            out["fact_acc"] = _mean(score_sequences(model, self.facts, loose=False).em)
             losses.append(fraction_removed(out["fact_acc"], self.before["fact"]))
         if self.arith:
-            out["arith_acc"] = _mean(score_sequences(model, self.arith).em)
+            out["arith_acc"] = _mean(score_sequences(model, self.arith, loose=False).em)
             losses.append(fraction_removed(out["arith_acc"], self.before["arith"]))
         out["collateral"] = max(losses)
         return out
