@@ -145,6 +145,37 @@ def trainable(params: list[nn.Parameter]) -> Iterator[None]:
             p.grad = None
 
 
+class MasterAdam:
+    """Adam on fp32 master copies of ``params`` when they are stored in lower precision (bf16/fp16 models).
+
+    A 1e-4 Adam step is below half a bf16 ulp for most weights, so Adam applied to bf16 weights rounds it away
+    and those weights never move; the fp32 masters accumulate every step and are copied (rounded) into the
+    model after each one (mixed-precision training). fp32 params are stepped in place, as plain Adam."""
+
+    def __init__(self, params: list[nn.Parameter], lr: float, max_grad_norm: float | None = None) -> None:
+        self.params = params
+        self.masters = [p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_(True)
+                        for p in params]
+        self.opt = torch.optim.Adam(self.masters, lr=lr)
+        self.max_grad_norm = max_grad_norm
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        for p, m in zip(self.params, self.masters):
+            if m is not p:
+                m.grad = None if p.grad is None else p.grad.float()
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.masters, self.max_grad_norm)
+        self.opt.step()
+        with torch.no_grad():
+            for p, m in zip(self.params, self.masters):
+                if m is not p:
+                    p.copy_(m)
+
+
 def zero_columns(model: NeuronModel, masks: dict[int, torch.Tensor], attention: bool = False) -> None:
     """Zero the down-projection columns (neurons) ``masks[l]`` ([I] bool) of ``model`` in place; with
     ``attention``, the attention output projection's columns (attention neurons, ``[attn_width]`` bool)."""

@@ -50,6 +50,13 @@ class _Mask(nn.Module):
         return weight * self.mask()
 
 
+def initial_scores(shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    """The fp32 score tensor of one weight, as the reference initialises it: ``kaiming_uniform_(a=√5)`` on a
+    tensor of the weight's shape (bound 1/√shape[1]); fp32 whatever the model's dtype (the trained master)."""
+    scores = torch.empty(shape, dtype=torch.float32)
+    return nn.init.kaiming_uniform_(scores, a=math.sqrt(5), generator=generator)
+
+
 class BalancedSubnet(Editor):
     name = "balanced_subnet"
     summary = "Learn a straight-through top-k mask over MLP weights: ascend on forget, descend on retain"
@@ -81,10 +88,7 @@ class BalancedSubnet(Editor):
         modules = [m for l in range(edited.num_layers) for m in mlp_matrices(edited, l).values()]
         for m in modules:
             w = m.weight
-            fan_in = w.shape[1] if isinstance(m, nn.Linear) else w.shape[0]
-            bound = math.sqrt(6.0 / fan_in)  # kaiming_uniform (a=0) on the score tensor
-            s = (torch.rand(w.shape, generator=gen) * 2 - 1).mul_(bound).to(w.device, torch.float32)
-            mask = _Mask(s, float(budget))
+            mask = _Mask(initial_scores(w.shape, gen).to(w.device), float(budget))
             parametrize.register_parametrization(m, "weight", mask, unsafe=True)
             masks.append(mask)
         params = [mk.scores for mk in masks]

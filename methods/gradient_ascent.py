@@ -15,7 +15,7 @@ import torch
 from memeval import hookimpl
 from memeval.api import Editor, SequenceSet
 from memeval.models import NeuronModel
-from memeval_methods._editing import cycle_batches, mean_nll, require_forget, trainable
+from memeval_methods._editing import MasterAdam, cycle_batches, mean_nll, require_forget, trainable
 
 
 def unlearn(model: NeuronModel, forget: SequenceSet, retain: SequenceSet | None, budget: float, cfg,
@@ -26,7 +26,7 @@ def unlearn(model: NeuronModel, forget: SequenceSet, retain: SequenceSet | None,
     if steps == 0:
         return edited
     params = [p for p in edited.hf.parameters()]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    opt = MasterAdam(params, cfg.lr, cfg.max_grad_norm)  # fp32 masters when the model runs in bf16
     fb = cycle_batches(forget, cfg.batch_size, edited.device, cfg.seed)
     rb = cycle_batches(retain, cfg.batch_size, edited.device, cfg.seed + 1) if retain is not None and len(retain) else None
     with trainable(params):
@@ -34,10 +34,8 @@ def unlearn(model: NeuronModel, forget: SequenceSet, retain: SequenceSet | None,
             loss = forget_loss(edited, next(fb))
             if rb is not None and cfg.retain_weight:
                 loss = loss + cfg.retain_weight * mean_nll(edited, next(rb))
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss.backward()
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
     return edited
 

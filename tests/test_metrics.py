@@ -27,7 +27,8 @@ def test_masked_mean_and_perplexity():
     mask = torch.tensor([[False, True, True], [True, False, False]])
     assert M.masked_mean(values, mask).tolist() == [2.5, 4.0]
     assert M.perplexity(math.log(5.0)) == pytest.approx(5.0)
-    assert M.perplexity_base2(3.0) == 8.0
+    assert M.mempi_perplexity([3.0]) == 8.0
+    assert M.mempi_perplexity([1.0, 3.0]) == 5.0  # mean of 2 and 8; 2^(mean NLL 2) would be 4
 
 
 def test_levenshtein_and_similarity():

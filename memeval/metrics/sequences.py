@@ -42,9 +42,11 @@ def perplexity(mean_nll: float) -> float:
     return math.exp(mean_nll)
 
 
-def perplexity_base2(mean_nll: float) -> float:
-    """MemPi's reference "perplexity": 2 ** (NLL in nats). Only for ``faithful: true`` reproductions."""
-    return 2.0 ** mean_nll
+def mempi_perplexity(chunk_nlls: Sequence[float]) -> float:
+    """MemPi's reference Rand-PPL (``faithful: true`` only): the text is scored in chunks of 16 sequences, each
+    chunk's mean token NLL in nats ``l_c`` is turned into ``2 ** l_c`` (base 2 on a natural-log loss), and the
+    chunks are averaged: mean_c 2^(l_c). Neither a perplexity nor 2^(mean NLL) when chunks differ."""
+    return sum(2.0 ** l for l in chunk_nlls) / len(chunk_nlls)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ neurons per layer (layers in ``skip_layers`` untouched; MemPi skips layer 0) and
 - ``d_self_acc@k``  Δ teacher-forced suffix accuracy of the target (fraction; lower = more erased);
 - ``d_self_dist@k`` Δ character Levenshtein of its teacher-forced continuation (higher = more erased);
 - ``d_neg_acc@k``, ``d_neg_dist@k`` the same, averaged over the other memorized sequences (near 0 = specific);
-- ``d_rand_ppl@k`` Δ perplexity = exp(mean token NLL) of held-out text (``faithful: true``: MemPi's 2^NLL).
+- ``d_rand_ppl@k`` Δ perplexity = exp(mean token NLL) of held-out text (``faithful: true``: MemPi's mean over
+  16-sequence chunks of 2^(chunk NLL), :func:`memeval.metrics.mempi_perplexity`).
 
 Δ = after − before (the paper's sign). ``granularity: set`` forgets a seeded set of targets at once: a
 localizer's scores are averaged over the set before the top-k; an editor edits with the set as forget set
@@ -22,10 +23,10 @@ import torch
 
 from memeval.api import Batch, Editor, Method, SequenceSet, TokenSequence
 from memeval.errors import UsageError
-from memeval.metrics import perplexity, perplexity_base2
+from memeval.metrics import mempi_perplexity, perplexity
 from memeval.models import NeuronModel
 from memeval.protocols.base import Protocol
-from memeval.protocols.measure import SampleLog, mean_token_nll, suffix_stats
+from memeval.protocols.measure import SampleLog, chunk_token_nlls, mean_token_nll, suffix_stats
 from memeval.protocols.sources import (beside, load_prompt_rows, load_token_rows, organism_for, resolve_path, split_dev,
                                        texts_to_sequences)
 
@@ -148,8 +149,10 @@ class DeletionProtocol(Protocol):
 
     # -- measurement --------------------------------------------------------------------------
     def _ppl(self, model: NeuronModel | None = None) -> float:
-        nll = mean_token_nll(model or self.model, self.ppl_set)
-        return perplexity_base2(nll) if self.params.faithful else perplexity(nll)
+        model = model or self.model
+        if self.params.faithful:  # MemPi's reference: mean over 16-sequence chunks of 2^(chunk NLL)
+            return mempi_perplexity(chunk_token_nlls(model, self.ppl_set, 16))
+        return perplexity(mean_token_nll(model, self.ppl_set))
 
     def _measure(self, model: NeuronModel, members: list[str], ratio: float) -> dict[str, float]:
         """Deltas on the members (Self), the other negatives (Neg) and the PPL text, for ``model`` as is."""

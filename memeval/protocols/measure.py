@@ -39,13 +39,27 @@ def suffix_stats(model: NeuronModel, seqs: list[TokenSequence], batch_size: int 
 @torch.no_grad()
 def mean_token_nll(model: NeuronModel, seqs: list[TokenSequence], batch_size: int = 32) -> float:
     """Mean NLL (nats) over every scored token of every sequence (token-weighted, as perplexity needs)."""
+    total, count = _nll_sums(model, seqs, batch_size)
+    return total / count
+
+
+def chunk_token_nlls(model: NeuronModel, seqs: list[TokenSequence], chunk: int = 16) -> list[float]:
+    """The token-weighted mean NLL of each chunk of ``chunk`` consecutive sequences (MemPi's Rand-PPL batches)."""
+    out = []
+    for start in range(0, len(seqs), chunk):
+        total, count = _nll_sums(model, seqs[start : start + chunk], chunk)
+        out.append(total / count)
+    return out
+
+
+def _nll_sums(model: NeuronModel, seqs: list[TokenSequence], batch_size: int) -> tuple[float, int]:
     total, count = 0.0, 0
     for start in range(0, len(seqs), batch_size):
         batch = Batch.from_sequences(seqs[start : start + batch_size], model.pad_id, model.device)
         nll = token_nll(model.logits(batch), batch.input_ids)
         total += float((nll * batch.loss_mask).sum())
         count += int(batch.loss_mask.sum())
-    return total / count
+    return total, count
 
 
 class SampleLog:
