@@ -329,7 +329,8 @@ class Runner:
                             **({"requires": list(cls.requires)} if cls.requires else {})},
             "task_meta": {"protocol": task.protocol, "model": task.model, "version": task.version, "tags": task.tags,
                           "description": task.description, "primary": primary, "higher_is_better": directions,
-                          "n_items": n_items},
+                          "n_items": n_items,
+                          **({"params": dataclasses.asdict(task.params)} if dataclasses.is_dataclass(task.params) else {})},
             "run": {k: self.meta[k] for k in ("date", "command", "git_commit", "memeval_version")},
         }
 

@@ -320,3 +320,24 @@ def test_script_strings_render_as_text(tmp_path):
     assert '<a href="javascript' not in html and "javascript:alert(1)" in html  # paper shown as text only
     for svg in (site / "plots").iterdir():
         assert "<script" not in svg.read_text()
+
+
+def test_specificity_page_plots_the_frontier_first_in_distinct_styles(tmp_path):
+    from memeval.leaderboard.plots import _panels, style, task_plots
+    from memeval.metrics import forget_collateral_auc, forget_collateral_frontier
+
+    pairs = {(style(i)["color"], style(i)["marker"]) for i in range(12)}
+    assert len(pairs) == 12 and len({c for c, _ in pairs}) == 12  # npo and random no longer share a blue
+    # the staircase drawn is the one the headline integrates (the README's example)
+    assert forget_collateral_frontier([(0.1, 0.5), (0.3, 1.0)], 1.0) == [(0.0, 0.1, 0.0), (0.1, 0.3, 0.5), (0.3, 1.0, 1.0)]
+    assert sum((b - a) * y for a, b, y in forget_collateral_frontier([(0.1, 0.5), (0.3, 1.0)], 1.0)) == \
+        pytest.approx(forget_collateral_auc([(0.1, 0.5), (0.3, 1.0)], 1.0))
+    # no panel plots a forget-set quantity against the forget-set drop
+    forget, panels = _panels(["forget_em_drop", "forget_em", "forget_loose", "collateral", "other_em", "heldout_ppl"])
+    assert forget == "forget_em_drop" and panels == ["collateral", "other_em", "heldout_ppl"]
+    metric = lambda v: {"mean": v, "stderr": 0.0}  # noqa: E731
+    rows = [{"method": f"m{i}", "metrics": {"collateral@budget=0.1": metric(0.05 * i), "forget_em_drop@budget=0.1": metric(0.5),
+                                            "collateral@budget=0.3": metric(0.1 + 0.05 * i), "forget_em_drop@budget=0.3": metric(1.0)}}
+            for i in range(3)]
+    made = task_plots(rows, tmp_path, "spec", params={"max_ppl_increase": 0.5})
+    assert made[0]["file"] == "spec-frontier.svg" and (tmp_path / "spec-frontier.svg").read_text().lstrip().startswith("<?xml")

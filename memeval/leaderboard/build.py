@@ -333,7 +333,8 @@ def build_site(results_dirs: list[Path], out: Path, contributing: Path | None = 
             shutil.copy2(rs.records_path, tmp / "data" / sid / RECORDS)
         n_plots = 0
         for t, info in task_info.items():
-            info["plots"] = task_plots([r.r for r in info["rows"]], tmp / "plots", info["slug"], info["metrics"])
+            info["plots"] = task_plots([r.r for r in info["rows"]], tmp / "plots", info["slug"], info["metrics"],
+                                       info["meta"].get("params"))
             n_plots += len(info["plots"])
 
         common = {"methods": method_info, "tasks": task_info, "groups": [(g, groups[g]) for g in group_names],

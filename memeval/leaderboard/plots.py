@@ -4,8 +4,11 @@ Tolerant: each plot is drawn from whatever metrics exist in the rows and skipped
 
 - recall@k curves: metrics ``recall@<k>x`` (and ``global_recall@<k>x``, ``ceiling@<k>x``), INJ;
 - per-ratio bars: metrics ``<name>@<ratio>`` with a numeric ratio, DEL;
+- the forget-vs-collateral frontier: per method the staircase that the specificity headline integrates
+  (:func:`memeval.metrics.forget_collateral_frontier`), from ``collateral@budget=<b>`` and ``forget_em_drop@budget=<b>``;
 - forget-vs-collateral curves: metrics ``<name>@budget=<b>``, specificity; the x axis is the first metric whose
-  name contains "forget", every other metric is a collateral y axis (without a forget metric: metric vs budget);
+  name contains "forget", every metric not about the forget set is a collateral y axis (without a forget
+  metric: metric vs budget);
 - ROC curves: metrics ``tpr@fpr=<x>``, detection.
 """
 
@@ -31,6 +34,17 @@ def _val(row: dict, name: str) -> tuple[float | None, float | None]:
     mean, se = m.get("mean"), m.get("stderr")
     ok = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
     return (mean if ok(mean) else None), (se if ok(se) else None)
+
+
+# Up to 12 methods in one plot, each with its own colour and marker (tab10 plus two, and 12 markers).
+_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf", "#000000", "#aec7e8")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*", "h", "p")
+
+
+def style(i: int) -> dict[str, str]:
+    """Colour and marker of the i-th method of a plot: distinct for the first 12."""
+    return {"color": _COLORS[i % len(_COLORS)], "marker": _MARKERS[i % len(_MARKERS)]}
 
 
 def _label(name: str, limit: int = 32) -> str:
@@ -64,12 +78,12 @@ def recall_curve(rows: list[dict], path: Path, order: list[str] = ()) -> bool:
     ax = fig.add_subplot()
     ks: set[float] = set()
     for i, (method, kinds) in enumerate(series.items()):
-        color = f"C{i % 10}"
+        color, marker = style(i)["color"], style(i)["marker"]
         for kind, pts in kinds.items():
             pts.sort()
             ks.update(p[0] for p in pts)
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0 for p in pts],
-                        color=color, marker="o", capsize=3, linestyle="-" if kind == "recall" else ":",
+                        color=color, marker=marker, capsize=3, linestyle="-" if kind == "recall" else ":",
                         label=_label(method) + ("" if kind == "recall" else " (global)"))
     if ceiling:
         cx = sorted(ceiling)
@@ -121,7 +135,7 @@ def ratio_bars(rows: list[dict], path: Path, order: list[str] = ()) -> bool:
             per = data[base].get(method, {})
             xs = [ratios.index(x) + (i - (len(methods) - 1) / 2) * width for x in per]
             ax.bar(xs, [v[0] for v in per.values()], width, yerr=[v[1] or 0 for v in per.values()],
-                   color=f"C{i % 10}", capsize=2, label=_label(method))
+                   color=style(i)["color"], capsize=2, label=_label(method))
         ax.set_xticks(range(len(ratios)))
         ax.set_xticklabels([f"{x:g}" for x in ratios])
         ax.set_xlabel("ratio of neurons zeroed per layer")
@@ -133,6 +147,13 @@ def ratio_bars(rows: list[dict], path: Path, order: list[str] = ()) -> bool:
     fig.subplots_adjust(bottom=0.12 + 0.04 * math.ceil(len(labels) / 4) / nrows, hspace=0.5, wspace=0.35)
     _save(fig, path)
     return True
+
+
+def _panels(bases: list[str]) -> tuple[str | None, list[str]]:
+    """The x metric (the first about forgetting) and the y metrics of the budget curves: at most 6, none about
+    the forget set (a forget-set metric against the forget-set drop is a quantity against itself)."""
+    forget = next((b for b in bases if "forget" in b), None)
+    return forget, [b for b in bases if "forget" not in b][:6] or ([forget] if forget else [])
 
 
 def budget_curves(rows: list[dict], path: Path, order: list[str] = ()) -> bool:
@@ -148,8 +169,7 @@ def budget_curves(rows: list[dict], path: Path, order: list[str] = ()) -> bool:
     if not data:
         return False
     bases = _ordered(data, list(order))
-    forget = next((b for b in bases if "forget" in b), None)
-    others = [b for b in bases if b != forget][:6] or ([forget] if forget else [])
+    forget, others = _panels(bases)
     vs_budget = forget is None or others == [forget]
     ncols = min(2, len(others))
     nrows = math.ceil(len(others) / ncols)
@@ -168,13 +188,54 @@ def budget_curves(rows: list[dict], path: Path, order: list[str] = ()) -> bool:
                 xs = [fx[b] for b in bs]
             if not bs:
                 continue
-            ax.plot(xs, [ys[b] for b in bs], marker="o", color=f"C{i % 10}", label=_label(method))
+            ax.plot(xs, [ys[b] for b in bs], **style(i), label=_label(method))
         ax.set_xlabel("budget" if vs_budget else _label(forget, 40) + " (forgetting)")
         ax.set_ylabel(_label(base, 40))
         ax.set_title(("" if vs_budget else "collateral: ") + _label(base, 40), fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
     fig.subplots_adjust(hspace=0.5, wspace=0.35)
+    _save(fig, path)
+    return True
+
+
+def frontier(rows: list[dict], path: Path, order: list[str] = (), params: dict | None = None) -> bool:
+    """Per method, the staircase f(x) = the most forgetting any tried budget reached with collateral ≤ x,
+    from the mean ``collateral`` and ``forget_em_drop`` of each budget, on [0, max_ppl_increase]: the curve the
+    headline ``forget_collateral_auc`` integrates (the headline is the mean of each item's own area)."""
+    from memeval.metrics import forget_collateral_frontier
+
+    bound = float((params or {}).get("max_ppl_increase", 0.5))
+    curves = {}
+    for r in rows:
+        pts = []
+        for name in r["metrics"]:
+            m = _BUDGET.match(name)
+            if m and m.group(1) == "collateral":
+                x, _ = _val(r, name)
+                y, _ = _val(r, f"forget_em_drop@budget={m.group(2)}")
+                if x is not None and y is not None:
+                    pts.append((x, y))
+        if pts:
+            curves[r["method"]] = (forget_collateral_frontier(pts, bound), pts)
+    if not curves:
+        return False
+    fig = Figure(figsize=(6.0, 4.4))
+    ax = fig.add_subplot()
+    for i, (method, (segments, pts)) in enumerate(curves.items()):
+        xs = [x for a, b, _ in segments for x in (a, b)]
+        ys = [y for _, _, y in segments for _ in (0, 1)]
+        ax.plot(xs, ys, color=style(i)["color"], linewidth=1.8, label=_label(method))
+        inside = [(x, min(1.0, max(0.0, y))) for x, y in pts if x <= bound]
+        if inside:
+            ax.scatter([max(0.0, x) for x, _ in inside], [y for _, y in inside], color=style(i)["color"],
+                       marker=style(i)["marker"], s=22, zorder=3)
+    ax.set_xlim(0, bound)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("collateral (max of held-out perplexity increase, other memorized and probe loss)")
+    ax.set_ylabel("forget-set exact match removed")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
     _save(fig, path)
     return True
 
@@ -202,8 +263,8 @@ def roc_curves(rows: list[dict], path: Path, order: list[str] = ()) -> bool:
     for i, (method, pts) in enumerate(series.items()):
         xs, ys = [0.0] + [p[0] for p in pts] + [1.0], [0.0] + [p[1] for p in pts] + [1.0]
         se = [0.0] + [p[2] or 0.0 for p in pts] + [0.0]
-        color = f"C{i % 10}"
-        ax.plot(xs, ys, color=color, marker="o", markersize=3, label=_label(method))
+        color = style(i)["color"]
+        ax.plot(xs, ys, **style(i), markersize=3, label=_label(method))
         ax.fill_between(xs, [y - s for y, s in zip(ys, se)], [y + s for y, s in zip(ys, se)], color=color, alpha=0.15)
     ax.set_xscale("symlog", linthresh=0.01)
     ax.set_xlim(0, 1)
@@ -217,6 +278,9 @@ def roc_curves(rows: list[dict], path: Path, order: list[str] = ()) -> bool:
 
 
 PLOTS = (
+    ("frontier", frontier, "forget-vs-collateral frontier",
+     "The staircase each method's headline integrates: at each collateral x, the most forgetting of any tried "
+     "budget with collateral at most x (means over items per budget; markers: the budgets)."),
     ("recall", recall_curve, "recall@k curves",
      "Per-layer recall@k (solid) and global recall@k (dotted) of the injected neurons, mean ± stderr; dashed: the per-layer top-k ceiling."),
     ("ratios", ratio_bars, "per-ratio effects",
@@ -228,11 +292,13 @@ PLOTS = (
 )
 
 
-def task_plots(rows: list[dict[str, Any]], out_dir: Path, stem: str, order: list[str] = ()) -> list[dict[str, str]]:
-    """Write every plot that the rows support as ``out_dir/<stem>-<kind>.svg``; return their descriptions."""
+def task_plots(rows: list[dict[str, Any]], out_dir: Path, stem: str, order: list[str] = (),
+               params: dict | None = None) -> list[dict[str, str]]:
+    """Write every plot that the rows support as ``out_dir/<stem>-<kind>.svg``; return their descriptions.
+    ``params`` are the task's params when the summary carries them (the frontier's collateral bound)."""
     made = []
     for kind, fn, title, caption in PLOTS:
         path = out_dir / f"{stem}-{kind}.svg"
-        if fn(rows, path, order):
+        if (fn(rows, path, order, params) if fn is frontier else fn(rows, path, order)):
             made.append({"file": path.name, "title": title, "caption": caption})
     return made

@@ -57,6 +57,7 @@ from memeval.metrics.editing import (
     relative_increase,
     fraction_removed,
     forget_collateral_auc,
+    forget_collateral_frontier,
     LOOSE_MATCH_THRESHOLD,
     NDCG_K,
 )
@@ -106,6 +107,7 @@ __all__ = [
     "relative_increase",
     "fraction_removed",
     "forget_collateral_auc",
+    "forget_collateral_frontier",
     "LOOSE_MATCH_THRESHOLD",
     "NDCG_K",
     "logit_gap",

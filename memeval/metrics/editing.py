@@ -87,12 +87,22 @@ def forget_collateral_auc(points: Iterable[tuple[float, float]], max_collateral:
     bound 1: 0.2·0.5 + 0.7·1 = 0.8; one point (0.4, 1.0) with bound 0.5: 0.1·1 / 0.5 = 0.2; one point
     (0.6, 1.0) with bound 0.5: 0 (nothing was measured inside the bound).
     """
+    return sum((end - start) * y for start, end, y in forget_collateral_frontier(points, max_collateral)) / max_collateral
+
+
+def forget_collateral_frontier(points: Iterable[tuple[float, float]],
+                               max_collateral: float = 0.5) -> list[tuple[float, float, float]]:
+    """The staircase f of :func:`forget_collateral_auc` on [0, ``max_collateral``] as segments (x_start, x_end,
+    f): f is constant on each; segments with f = 0 are included, so they cover the whole interval."""
     pts = sorted((max(0.0, float(x)), min(1.0, max(0.0, float(y)))) for x, y in points)
-    area, best = 0.0, 0.0
-    edges = [x for x, _ in pts if x < max_collateral] + [max_collateral]
-    for (x, y), next_x in zip(pts, edges[1:]):
+    inside = [(x, y) for x, y in pts if x < max_collateral]
+    segments, best = [], 0.0
+    if not inside or inside[0][0] > 0:
+        segments.append((0.0, inside[0][0] if inside else max_collateral, 0.0))
+    edges = [x for x, _ in inside[1:]] + [max_collateral]
+    for (x, y), end in zip(inside, edges):
         best = max(best, y)
-        area += (next_x - x) * best
-    return area / max_collateral
+        segments.append((x, end, best))
+    return segments
 
 
