@@ -55,7 +55,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="override a task's data or params field, e.g. del_file.data.path=memorized.jsonl (repeatable)")
     p.add_argument("--log-samples", action="store_true",
                    help="write each item's greedy continuations before and after the edit to OUTPUT/samples/")
-    p.add_argument("--shard", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="local: this machine (worker processes with --workers or a --device list); ray: Ray actors "
+                        "(pip install 'memeval[ray]')")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes (local) or actors (ray) scoring items in parallel (default: one per --device)")
+    p.add_argument("--ray-address", default=None, help="a running Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,13 +130,6 @@ def _normalize(argv: list[str]) -> list[str]:
     return argv
 
 
-def _parse_shard(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    i, _, n = text.partition("/")
-    return int(i), int(n)
-
-
 def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     from memeval.runner import RunOptions, execute, exit_code
 
@@ -139,7 +137,8 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
                       device=args.device, dtype=args.dtype, seed=args.seed, batch_size=args.batch_size,
                       include_paths=args.include_path, method_config=args.method_config, split=args.split,
                       model=args.model, model_args=args.model_args, task_config=args.task_config,
-                      log_samples=args.log_samples, shard=_parse_shard(args.shard), argv=argv)
+                      log_samples=args.log_samples, backend=args.backend, workers=args.workers,
+                      ray_address=args.ray_address, argv=argv)
     return exit_code(execute(opts))
 
 

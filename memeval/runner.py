@@ -6,7 +6,8 @@
   the weight fingerprint), is that item's error; the weights are then restored and the run goes on.
 - Every item is appended to ``OUTPUT/results.jsonl`` as soon as it is scored; items already recorded with
   the same config hash are skipped, so re-running a command resumes it.
-- ``--device cuda:0,cuda:1`` starts one worker process per device, each taking every n-th item.
+- ``--device cuda:0,cuda:1``, ``--workers N`` or ``--backend ray`` score batches in worker processes or Ray
+  actors (:mod:`memeval.workers`); records come back to this process, the only writer.
 - ``summary.json`` covers every pair recorded in the output directory under the current configs
   (:mod:`memeval.summary`).
 
@@ -20,8 +21,6 @@ import hashlib
 import json
 import math
 import shlex
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +61,9 @@ class RunOptions:
     task_config: list[str] = field(default_factory=list)  # --task-config TASK.data.KEY=VALUE
     log_samples: bool = False  # --log-samples: greedy continuations before/after, per item
     progress: bool = True  # progress bars and the end-of-run table on stderr/stdout
-    shard: tuple[int, int] | None = None  # (index, count) for a worker process
+    backend: str = "local"  # local | ray (memeval.workers)
+    workers: int | None = None  # worker processes (local) or actors (ray); default: one per --device entry
+    ray_address: str | None = None  # --ray-address (else RAY_ADDRESS, else a local Ray)
     argv: list[str] = field(default_factory=list)  # the command line, when run from it
 
     def to_argv(self) -> list[str]:
@@ -80,6 +81,9 @@ class RunOptions:
                 ",".join(f"{k}={v}" for k, v in self.model_args.items())
             out += ["--model-args", args]
         out += ["--log-samples"] if self.log_samples else []
+        out += ["--backend", self.backend] if self.backend != "local" else []
+        out += ["--workers", str(self.workers)] if self.workers else []
+        out += ["--ray-address", self.ray_address] if self.ray_address else []
         return out
 
     def command(self) -> str:
@@ -168,32 +172,46 @@ class PairRunner:
     Each record's ``seconds`` is the wall time of the batch the item was scored in divided by the batch's
     item count, and ``batch_items`` says how many items shared it (1: the item's own time)."""
 
-    def __init__(self, protocol: Protocol, model: NeuronModel, store: ResultsStore, restore,
+    def __init__(self, protocol: Protocol, model: NeuronModel, store: ResultsStore | None, restore,
                  samples_path: Path | None = None) -> None:
         self.protocol, self.model, self.store, self.restore = protocol, model, store, restore
         self.samples_path = samples_path
 
     def run(self, pair: Pair, pending: list[str], batch_size: int, seed: int, progress: Progress, bar) -> int:
         method = pair.method_cls(pair.config)
-        reference = self.model.fingerprint()
         failed = 0
         for start in range(0, len(pending), batch_size):
-            scored = list(self._score(method, pending[start : start + batch_size], seed))
-            if self.model.fingerprint() != reference:
-                self.restore()
-                scored = [(item, None, "the method modified the model's weights (fingerprint changed)", s, n)
-                          for item, _, _, s, n in scored]
-            for item, metrics, error, seconds, shared in scored:
-                rec = {"method": pair.method_cls.name, "task": pair.task.name, "item": item,
-                       "config_hash": pair.config_hash, "seconds": round(seconds, 4), "batch_items": shared}
-                samples = metrics.pop("samples", None) if metrics else None
-                if samples is not None and self.samples_path is not None:
-                    self._write_samples({k: rec[k] for k in ("method", "task", "item", "config_hash")}, samples)
-                rec.update({"error": error} if error else {"metrics": metrics})
-                failed += error is not None
-                self.store.append(rec)
+            for rec in self.score_batch(method, pair, pending[start : start + batch_size], seed):
+                failed += self.record(rec)
                 progress.advance(bar)
         return failed
+
+    def score_batch(self, method: Method, pair: Pair, batch: list[str], seed: int) -> list[dict[str, Any]]:
+        """The records of one batch (``samples`` kept in them for :meth:`record`), weights checked after it."""
+        reference = self.model.fingerprint()
+        scored = list(self._score(method, batch, seed))
+        if self.model.fingerprint() != reference:
+            self.restore()
+            scored = [(item, None, "the method modified the model's weights (fingerprint changed)", s, n)
+                      for item, _, _, s, n in scored]
+        out = []
+        for item, metrics, error, seconds, shared in scored:
+            rec = {"method": pair.method_cls.name, "task": pair.task.name, "item": item,
+                   "config_hash": pair.config_hash, "seconds": round(seconds, 4), "batch_items": shared}
+            samples = metrics.pop("samples", None) if metrics else None
+            rec.update({"error": error} if error else {"metrics": metrics})
+            if samples is not None:
+                rec["samples"] = samples
+            out.append(rec)
+        return out
+
+    def record(self, rec: dict[str, Any]) -> bool:
+        """Append one record to the store (its samples to the samples file); True when it is an error."""
+        samples = rec.pop("samples", None)
+        if samples is not None and self.samples_path is not None:
+            self._write_samples({k: rec[k] for k in ("method", "task", "item", "config_hash")}, samples)
+        self.store.append(rec)
+        return "error" in rec
 
     def _write_samples(self, key: dict[str, str], samples: Any) -> None:
         self.samples_path.parent.mkdir(parents=True, exist_ok=True)
@@ -226,7 +244,9 @@ class PairRunner:
 
 
 class Runner:
-    def __init__(self, opts: RunOptions) -> None:
+    """The driver of a run (``worker=True``: only what a worker process needs to score jobs, no results store)."""
+
+    def __init__(self, opts: RunOptions, worker: bool = False) -> None:
         self.opts = opts
         self.registry = get_registry()
         self.index = load_tasks(opts.include_paths, self.registry)
@@ -249,9 +269,16 @@ class Runner:
                 raise UsageError(f"--model-args dtype={self.model_args['dtype']} contradicts --dtype {dtype}")
             dtype = str(self.model_args["dtype"])
         self.dtype = resolve_dtype(dtype, self.device)
-        if len(self.devices) > 1 and opts.model and opts.model.startswith("memory:"):
-            raise UsageError("an in-memory model cannot be sharded over devices (worker processes cannot see it); "
-                             "save it with save_pretrained() and pass its directory")
+        if opts.backend not in ("local", "ray"):
+            raise UsageError(f"--backend {opts.backend}: expected local or ray")
+        if opts.workers is not None and opts.workers < 1:
+            raise UsageError(f"--workers {opts.workers}: expected a positive integer")
+        self.distributed = opts.backend == "ray" or (opts.workers or len(self.devices)) > 1
+        if self.distributed and opts.model and opts.model.startswith("memory:"):
+            raise UsageError("an in-memory model cannot be sharded over devices or workers (worker processes cannot "
+                             "see it); save it with save_pretrained() and pass its directory")
+        if worker:
+            return
         self.store = ResultsStore(opts.output / "results.jsonl")
         self.meta = run_metadata(opts, self.device, self.dtype)  # at the start: the code that produced the numbers
 
@@ -287,9 +314,18 @@ class Runner:
         return pairs
 
     def run(self) -> dict[str, Any]:
-        """Score every pending item, then write and return the summary (``{}`` in a shard worker)."""
-        if len(self.devices) > 1 and self.opts.shard is None:
-            return self._run_sharded()
+        """Score every pending item (here, or in workers: :mod:`memeval.workers`), then write and return the summary."""
+        current: list[PairRecord] = self._run_distributed() if self.distributed else self._run_here()
+        manifest = PairManifest(self.opts.output / "pairs.json")
+        summary = build_summary(self.meta, current, manifest, self.store, self._current_hash,
+                                lambda text: console.print(f"[dim]{text}[/dim]"))
+        manifest.save()
+        write_json_atomic(self.opts.output / "summary.json", summary)
+        if self.opts.progress:
+            print_summary(summary)
+        return summary
+
+    def _run_here(self) -> list[PairRecord]:
         current: list[PairRecord] = []
         for task in self.tasks:
             pairs = self.pairs_for(task)
@@ -303,16 +339,48 @@ class Runner:
                 pair.items = items[: self.opts.limit] if self.opts.limit else items
                 self._run_pair(pair, protocol, model)
                 current.append(self._pair_record(pair, primary, directions, len(protocol.items())))
-        if self.opts.shard is not None:
-            return {}
-        manifest = PairManifest(self.opts.output / "pairs.json")
-        summary = build_summary(self.meta, current, manifest, self.store, self._current_hash,
-                                lambda text: console.print(f"[dim]{text}[/dim]"))
-        manifest.save()
-        write_json_atomic(self.opts.output / "summary.json", summary)
-        if self.opts.progress:
-            print_summary(summary)
-        return summary
+        return current
+
+    def _run_distributed(self) -> list[PairRecord]:
+        """The same items scored by worker processes or Ray actors; every record comes back here and is
+        written by this process alone, so resume, failure isolation and the summary are unchanged."""
+        from memeval.workers import Job, make_pool
+
+        current, jobs, bars = [], [], {}
+        with make_pool(self.opts, self.devices, self.tasks) as pool, \
+                Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                         TimeRemainingColumn(), console=console, disable=not self.opts.progress) as progress:
+            for task in self.tasks:
+                pairs = self.pairs_for(task)
+                if not pairs:
+                    continue
+                prep = progress.add_task(f"{task.name}: preparing {task.protocol} in a worker", total=None)
+                info = pool.describe(task.name)
+                progress.update(prep, description=f"{task.name}: prepared", total=1, completed=1)
+                items = info["dev_items"] if self.opts.split == "dev" else info["items"]
+                if not items:
+                    raise UsageError(f"{task.path}: task '{task.name}' has no {self.opts.split} items")
+                for pair in pairs:
+                    pair.items = items[: self.opts.limit] if self.opts.limit else items
+                    name = pair.method_cls.name
+                    pending = [i for i in pair.items if not self.store.has((name, task.name, pair.config_hash, i))]
+                    bars[(name, task.name)] = progress.add_task(f"{name} · {task.name}", total=len(pair.items),
+                                                               completed=len(pair.items) - len(pending))
+                    jobs += [Job(task.name, name, pair.config_hash, tuple(pending[i : i + self.opts.batch_size]))
+                             for i in range(0, len(pending), self.opts.batch_size)]
+                    current.append(self._pair_record(pair, info["primary"], info["directions"], info["n_items"]))
+            writers = {}
+            for records in pool.run(jobs):
+                for rec in records:
+                    if self.store.has((rec["method"], rec["task"], rec["config_hash"], rec["item"])):
+                        continue  # a retried job's item already recorded: never twice
+                    key = (rec["method"], rec["task"])
+                    if key not in writers:
+                        samples = (self.opts.output / "samples" / f"{key[0]}__{key[1]}.jsonl") if self.opts.log_samples else None
+                        writers[key] = PairRunner(None, None, self.store, None, samples)
+                    writers[key].record(rec)
+                    progress.advance(bars[key])
+        return current
 
     def _pair_record(self, pair: Pair, primary: str, directions: dict[str, bool], n_items: int) -> PairRecord:
         """What :mod:`memeval.summary` needs to summarize this pair now and in later runs."""
@@ -367,9 +435,6 @@ class Runner:
 
     def _run_pair(self, pair: Pair, protocol: Protocol, model: NeuronModel) -> None:
         items = pair.items
-        if self.opts.shard is not None:
-            index, count = self.opts.shard
-            items = items[index::count]
         name = pair.method_cls.name
         pending = [i for i in items if not self.store.has((name, pair.task.name, pair.config_hash, i))]
 
@@ -383,20 +448,6 @@ class Runner:
             samples = (self.opts.output / "samples" / f"{name}__{pair.task.name}.jsonl") if self.opts.log_samples else None
             PairRunner(protocol, model, self.store, restore, samples).run(pair, pending, self.opts.batch_size,
                                                                           self.opts.seed, progress, bar)
-
-    def _run_sharded(self) -> dict[str, Any]:
-        """One worker process per device over the same results file, then the summary."""
-        argv = self.opts.to_argv()
-        procs = []
-        for index, device in enumerate(self.devices):
-            cmd = [sys.executable, "-m", "memeval.cli", *argv, "--device", device, "--shard", f"{index}/{len(self.devices)}"]
-            procs.append(subprocess.Popen(cmd))
-        codes = [p.wait() for p in procs]
-        if any(c == 2 for c in codes):
-            raise UsageError(f"a worker process stopped on a usage error (exit codes {codes}); see its message above")
-        self.store.reload()
-        self.devices = self.devices[:1]
-        return self.run()
 
 
 def exit_code(summary: dict[str, Any]) -> int:
