@@ -72,7 +72,8 @@ def evaluate(methods: str | Iterable[str], tasks: str | Iterable[str], model: An
              method_config: Mapping[str, Any] | Iterable[str] | None = None,
              task_config: Mapping[str, Any] | Iterable[str] | None = None, progress: bool = True,
              *, model_args: Mapping[str, Any] | str | None = None, seed: int = 0, batch_size: int = 8,
-             include_paths: Iterable[str | Path] = (), split: str = "test", log_samples: bool = False) -> dict[str, Any]:
+             include_paths: Iterable[str | Path] = (), split: str = "test", log_samples: bool = False,
+             workers: int | None = None, backend: str = "local", ray_address: str | None = None) -> dict[str, Any]:
     """Score ``methods`` on ``tasks`` and return the summary (the schema of ``summary.json``).
 
     - ``methods``, ``tasks``: as ``--methods`` / ``--tasks`` (``"all"``, kinds, groups, names; a list works too);
@@ -84,7 +85,8 @@ def evaluate(methods: str | Iterable[str], tasks: str | Iterable[str], model: An
       or the CLI's ``KEY=VALUE`` strings; checked and typed as in the YAML.
 
     Bad input raises :class:`memeval.errors.UsageError` with the CLI's one-line message. ``device="cuda:0,cuda:1"``
-    shards items over worker processes as the CLI does (a model given as an object cannot be sharded).
+    scores in worker processes as the CLI does, and ``workers``/``backend`` are as ``--workers``/``--backend``
+    (a model given as an object stays in this process: it cannot be sent to workers).
     """
     from memeval.runner import RunOptions, execute
 
@@ -95,7 +97,7 @@ def evaluate(methods: str | Iterable[str], tasks: str | Iterable[str], model: An
                           method_config=_overrides(method_config, "method_config"), split=split,
                           model=_model_spec(model), model_args=model_args,
                           task_config=_overrides(task_config, "task_config"), log_samples=log_samples,
-                          progress=progress)
+                          progress=progress, workers=workers, backend=backend, ray_address=ray_address)
 
     if output is not None:
         return execute(options(Path(output)))
