@@ -42,7 +42,8 @@ def is_complete(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _locked(key: str, root: Path | None = None) -> Iterator[None]:
+def locked(key: str, root: Path | None = None) -> Iterator[None]:
+    """Hold the cross-process lock ``root/.<key>.lock`` (``flock``: released by the kernel if the holder dies)."""
     root = root or organisms_dir()
     root.mkdir(parents=True, exist_ok=True)
     lock_path = root / f".{key}.lock"
@@ -86,7 +87,7 @@ def build_atomically(key: str, build: Callable[[Path], None], root: Path | None 
     final = entry_dir(key, root)
     if is_complete(final):
         return final
-    with _locked(key, root):
+    with locked(key, root):
         if is_complete(final):  # built by another process while we waited
             return final
         parent = final.parent

@@ -126,15 +126,26 @@ class InjectionProtocol(Protocol):
         return mask.view(L, I)
 
     def _key(self, seq: TokenSequence) -> str:
-        blob = json.dumps({"model": self.model.fingerprint(), "ids": seq.input_ids, "item": seq.id, "seed": self.seed,
+        if getattr(self, "_base_fingerprint", None) is None:  # the base weights, read once (prepare never edits them)
+            self._base_fingerprint = self.model.fingerprint()
+        blob = json.dumps({"model": self._base_fingerprint, "ids": seq.input_ids, "item": seq.id, "seed": self.seed,
                            "ratio": self.params.ratio, "lr": self.params.learning_rate, "steps": self.params.max_steps,
                            "stop": self.params.stop_loss, "dtype": str(self.model.dtype), "v": 1,
                            **({"preserve_norm": True} if self.params.preserve_norm else {})})
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
     def _load_or_inject(self, seqs: list[TokenSequence]) -> dict[str, dict]:
+        """Each sequence's injection from the cache, or trained and cached; under a lock on the set, so that
+        workers preparing the same task at once inject it once (the others wait, then load)."""
+        from memeval.organisms.cache import locked
+
         root = _cache_root()
         root.mkdir(parents=True, exist_ok=True)
+        set_key = hashlib.sha256(",".join(sorted(self._key(s) for s in seqs)).encode()).hexdigest()[:20]
+        with locked(set_key, root):
+            return self._load_or_inject_unlocked(seqs, root)
+
+    def _load_or_inject_unlocked(self, seqs: list[TokenSequence], root: Path) -> dict[str, dict]:
         out, todo = {}, []
         for s in seqs:
             path = root / f"{self._key(s)}.pt"
