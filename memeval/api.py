@@ -143,15 +143,73 @@ class Editor(Method):
         raise NotImplementedError
 
 
+# Features a prediction protocol computes once per sequence and hands to the predictors that ask for them
+# (``Predictor.features``); see :class:`PredictionExample`.
+PREDICTION_FEATURES = ("hidden", "entropy", "loss", "zlib", "source_matches")
+
+
+@dataclass
+class PredictionExample:
+    """One training sequence as a predictor sees it (Chen, Han & Miyao 2024; Biderman et al. 2023).
+
+    ``input_ids`` is the true sequence: ``prefix_len`` context tokens then ℓ continuation tokens. ``features``
+    holds what the predictor asked for, computed by the protocol under the *feature model* (the scored model,
+    or an earlier checkpoint for forecasting tasks), position ``i`` of a per-token feature being continuation
+    token ``i``:
+
+    - ``hidden`` ``[prefix_len + ℓ - 1, d]``: the hidden states of one layer over the context and the feature
+      model's own greedy continuation (the paper's input; row ``prefix_len - 1 + i`` predicts token ``i``);
+    - ``entropy`` ``[ℓ]``: entropy (nats) of the next-token distribution at each greedy generation step;
+    - ``loss`` ``[ℓ]``: teacher-forced NLL (nats) of each true continuation token;
+    - ``zlib`` ``[1]``: compressed / raw byte length of the decoded true sequence;
+    - ``source_matches`` ``[ℓ]``: the feature model's own greedy match vector (1 = its token i is the true one).
+
+    ``matches`` (the scored model's greedy match vector, the label) is set on train and validation examples
+    only; test examples carry ``None``.
+    """
+
+    id: str
+    input_ids: tuple[int, ...]
+    prefix_len: int
+    features: dict[str, torch.Tensor]
+    matches: tuple[bool, ...] | None = None
+
+    @property
+    def suffix_len(self) -> int:
+        return len(self.input_ids) - self.prefix_len
+
+
+@dataclass
+class Prediction:
+    """A predictor's answer for one sequence: ``token_probs`` ``[ℓ]`` = P(greedy token i matches the true
+    one), and ``score`` = how likely the whole continuation is reproduced (higher = more memorized; the
+    sequence-level ROC AUC and the forecast's memorized set, ``score ≥ 0.5``, use it)."""
+
+    token_probs: torch.Tensor
+    score: float
+
+
 class Predictor(Method):
-    """Predicts memorization of sequences from their text, fitted on a labelled train split."""
+    """Predicts, for each training sequence, which continuation tokens greedy decoding reproduces.
+
+    The protocol calls ``fit(train, validation)`` once per split (labelled examples), then
+    ``predict(test)`` (unlabelled), and scores the predictions against test labels it never hands out.
+    ``features`` names what the predictor needs from :data:`PREDICTION_FEATURES`; only those are computed.
+    ``validation_is_test`` (default False) is for faithful reproductions of reference code that selected its
+    model on the test split: the protocol then passes the labelled test examples as ``validation`` and marks
+    the results ``selected_on_test = 1``."""
 
     kind = "predictor"
+    features: ClassVar[tuple[str, ...]] = ()
 
-    def fit(self, train_examples: list[dict[str, Any]]) -> None:
-        raise NotImplementedError
+    @property
+    def validation_is_test(self) -> bool:
+        return False
 
-    def predict(self, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def fit(self, train: list[PredictionExample], validation: list[PredictionExample]) -> None:
+        """Learn from labelled examples (may do nothing)."""
+
+    def predict(self, test: list[PredictionExample]) -> list[Prediction]:
         raise NotImplementedError
 
 

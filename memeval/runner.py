@@ -306,6 +306,11 @@ class Runner:
                     console.print(f"[dim]note: {cls.name} ({cls.kind}) skipped on {task.name}: it takes "
                                   f"{', '.join(accepts)}[/dim]")
                 continue
+            why = protocol_cls.skip_reason(task, cls)
+            if why:
+                if self.opts.methods != "all":
+                    console.print(f"[dim]note: {cls.name} skipped on {task.name}: {why}[/dim]")
+                continue
             overrides = {**task.method_config.get(cls.name, {}), **self.overrides.get(cls.name, {})}
             where = f"{task.path}:{task.method_config_lines.get(cls.name, task.line)}"
             config = build_config(cls, overrides, where if cls.name not in self.overrides else "--method-config")

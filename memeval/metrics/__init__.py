@@ -7,7 +7,8 @@
 - :mod:`~memeval.metrics.aggregation`: means, standard errors, paired differences over items;
 - :mod:`~memeval.metrics.filters`: MemPi's DEL filters (which sequences count as memorized);
 - :mod:`~memeval.metrics.editing`: forgetting and collateral of an edit (specificity);
-- :mod:`~memeval.metrics.detection`: LiRA ground truth and detector operating points.
+- :mod:`~memeval.metrics.detection`: LiRA ground truth and detector operating points;
+- :mod:`~memeval.metrics.prediction`: predicted greedy match vectors against true ones (prediction tasks).
 
 Every name is importable from ``memeval.metrics`` itself.
 
@@ -61,6 +62,17 @@ from memeval.metrics.editing import (
     LOOSE_MATCH_THRESHOLD,
     NDCG_K,
 )
+from memeval.metrics.prediction import (
+    exact_auc,
+    forecast_precision_recall,
+    full_accuracy,
+    full_accuracy_by_bin,
+    memorized_f1,
+    predicted_m_by_bin,
+    score_bins,
+    token_accuracy,
+    token_auc,
+)
 from memeval.metrics.detection import (
     logit_gap,
     gaussian_logpdf,
@@ -73,6 +85,15 @@ from memeval.metrics.detection import (
 )
 
 __all__ = [
+    "exact_auc",
+    "forecast_precision_recall",
+    "full_accuracy",
+    "full_accuracy_by_bin",
+    "memorized_f1",
+    "predicted_m_by_bin",
+    "score_bins",
+    "token_accuracy",
+    "token_auc",
     "token_nll",
     "token_correct",
     "greedy_tokens",

@@ -37,6 +37,11 @@ class Protocol:
         return cls.accepts
 
     @classmethod
+    def skip_reason(cls, task: "Task", method_cls: type) -> str | None:
+        """Why a method of an accepted kind cannot run on this task (it is then skipped with a note), or None."""
+        return None
+
+    @classmethod
     def check_task(cls, task: "Task") -> None:
         """Fail fast (a :class:`UsageError`) on what is missing before the model is loaded, e.g. data files."""
 

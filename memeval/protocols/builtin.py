@@ -13,9 +13,10 @@ def memeval_protocols() -> list[type]:
     from memeval.protocols.deletion import DeletionProtocol
     from memeval.protocols.detection import DetectionProtocol
     from memeval.protocols.injection import InjectionProtocol
+    from memeval.protocols.prediction import PredictionProtocol
     from memeval.protocols.specificity import SpecificityProtocol
 
-    return [InjectionProtocol, DeletionProtocol, SpecificityProtocol, DetectionProtocol]
+    return [InjectionProtocol, DeletionProtocol, SpecificityProtocol, DetectionProtocol, PredictionProtocol]
 
 
 @hookimpl
