@@ -341,3 +341,15 @@ def test_specificity_page_plots_the_frontier_first_in_distinct_styles(tmp_path):
             for i in range(3)]
     made = task_plots(rows, tmp_path, "spec", params={"max_ppl_increase": 0.5})
     assert made[0]["file"] == "spec-frontier.svg" and (tmp_path / "spec-frontier.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_prediction_page_plots_predicted_against_true_m(tmp_path):
+    from memeval.leaderboard.plots import task_plots
+
+    metric = lambda v: {"mean": v, "stderr": 0.01}  # noqa: E731
+    rows = [{"method": m, "metrics": {f"predicted_m@bin={c}": metric(v) for c, v in zip((0.1, 0.5, 0.9), vals)}}
+            for m, vals in (("entropy", (0.2, 0.4, 0.6)), ("transformer_predictor", (0.1, 0.5, 0.85)))]
+    made = task_plots(rows, tmp_path, "pred")
+    assert [m["file"] for m in made] == ["pred-calibration.svg"]
+    assert (tmp_path / "pred-calibration.svg").read_text().lstrip().startswith("<?xml")
+    assert task_plots([{"method": "x", "metrics": {"token_auc": metric(0.7)}}], tmp_path, "none") == []

@@ -9,7 +9,8 @@ Tolerant: each plot is drawn from whatever metrics exist in the rows and skipped
 - forget-vs-collateral curves: metrics ``<name>@budget=<b>``, specificity; the x axis is the first metric whose
   name contains "forget", every metric not about the forget set is a collateral y axis (without a forget
   metric: metric vs budget);
-- ROC curves: metrics ``tpr@fpr=<x>``, detection.
+- ROC curves: metrics ``tpr@fpr=<x>``, detection;
+- predicted vs true M: metrics ``predicted_m@bin=<centre>``, prediction.
 """
 
 from __future__ import annotations
@@ -277,6 +278,38 @@ def roc_curves(rows: list[dict], path: Path, order: list[str] = ()) -> bool:
     return True
 
 
+_BIN = re.compile(r"^predicted_m@bin=([0-9]*\.?[0-9]+)$")
+
+
+def predicted_vs_true(rows: list[dict], path: Path, order: list[str] = ()) -> bool:
+    """Per method, the mean predicted memorization score M of the test sequences in each bin of true M
+    (metrics ``predicted_m@bin=<bin centre>``), against the diagonal of a calibrated predictor."""
+    series: dict[str, list[tuple[float, float, float | None]]] = {}
+    for r in rows:
+        for name in r["metrics"]:
+            m = _BIN.match(name)
+            mean, se = _val(r, name) if m else (None, None)
+            if m and mean is not None:
+                series.setdefault(r["method"], []).append((float(m.group(1)), mean, se))
+    if not series:
+        return False
+    fig = Figure(figsize=(5.2, 4.4))
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle=":", label="calibrated")
+    for i, (method, pts) in enumerate(series.items()):
+        pts.sort()
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0.0 for p in pts], capsize=3,
+                    **style(i), label=_label(method))
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("true M (bin centre)")
+    ax.set_ylabel("mean predicted M")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    _save(fig, path)
+    return True
+
+
 PLOTS = (
     ("frontier", frontier, "forget-vs-collateral frontier",
      "The staircase each method's headline integrates: at each collateral x, the most forgetting of any tried "
@@ -287,6 +320,9 @@ PLOTS = (
      "Mean change of each metric after zeroing the top-ranked neurons, by ratio of neurons per layer (± stderr)."),
     ("budget", budget_curves, "forget-vs-collateral curves",
      "Each point is one budget of the sweep: forgetting achieved (x) against the collateral damage (y)."),
+    ("calibration", predicted_vs_true, "predicted vs true memorization score",
+     "Mean predicted M (mean token probability) of the test sequences in each bin of true M, ± stderr over "
+     "splits; dotted: a calibrated predictor."),
     ("roc", roc_curves, "ROC curves",
      "True-positive rate of the memorized samples at fixed false-positive rates, mean over targets ± stderr (shaded)."),
 )
