@@ -8,7 +8,7 @@ M = mean_i m_i its memorization score, exact = all m_i; ``probs[n]`` ``[ℓ]`` t
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -25,6 +25,14 @@ def token_accuracy(probs: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]
     """Correctly predicted tokens over all tokens of all sequences (Chen et al.'s token-level accuracy)."""
     p, y = _flat(probs, labels)
     return float(((p >= THRESHOLD) == y).float().mean())
+
+
+def majority_token_accuracy(labels: Sequence[torch.Tensor]) -> float:
+    """Token accuracy of always predicting the more frequent label of these tokens: max(q, 1 − q) with q the
+    fraction of matching tokens (the floor a token accuracy is read against; Chen et al. report none)."""
+    y = torch.cat([l.bool().flatten() for l in labels]).float()
+    q = float(y.mean())
+    return max(q, 1.0 - q)
 
 
 def full_accuracy(probs: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]) -> float:

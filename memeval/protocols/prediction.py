@@ -29,16 +29,46 @@ from typing import Any
 
 import torch
 
-from memeval.api import PREDICTION_FEATURES, Method, Prediction, PredictionExample, Predictor, TokenSequence
+from memeval.api import (
+    PREDICTION_FEATURES,
+    Method,
+    Prediction,
+    PredictionExample,
+    Predictor,
+    TokenSequence,
+)
 from memeval.errors import UsageError
-from memeval.metrics import (exact_auc, forecast_precision_recall, full_accuracy, full_accuracy_by_bin,
-                             memorized_f1, predicted_m_by_bin, token_accuracy, token_auc, token_nll)
+from memeval.metrics import (
+    exact_auc,
+    forecast_precision_recall,
+    full_accuracy,
+    full_accuracy_by_bin,
+    majority_token_accuracy,
+    memorized_f1,
+    predicted_m_by_bin,
+    token_accuracy,
+    token_auc,
+    token_nll,
+)
 from memeval.models import NeuronModel
 from memeval.protocols.base import Protocol
 from memeval.protocols.sources import load_token_rows, organism_for, resolve_path
 
 PAPER_DATA = ("the Pythia training rows (deduplicated Pile, first k + ℓ tokens of each row) as a .pt LongTensor "
               "[N, T] or JSONL of input_ids; set data.path (e.g. under $MEMEVAL_DATA/prediction/)")
+
+
+def checkpoint_fraction(spec: str) -> float:
+    """The training fraction of a ``checkpoint@<fraction>`` feature model (a ValueError if malformed)."""
+    text = spec.partition("@")[2]
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"feature_model '{spec}': expected checkpoint@<fraction of training>, "
+                         f"e.g. checkpoint@0.25") from None
+    if not 0 < value <= 1:
+        raise ValueError(f"feature_model '{spec}': the fraction must be in (0, 1], got {value:g}")
+    return value
 
 
 @dataclass
@@ -49,11 +79,20 @@ class PredictionData:
     suffix_tokens: int | None = None  # ℓ (organism: its suffix length)
     ordinary: int = 300  # organism: ordinary training chunks sampled beside the planted sequences
     sequences: int | None = None  # at most this many sequences (seeded sample); None: all
+    per_bin: int | None = None  # Chen et al.'s sampling: at most this many sequences per value of M (seeded)
     feature_model: str = ""  # "" = the scored model | checkpoint@<fraction> (organism) | a model spec
 
     def __post_init__(self) -> None:
         if self.source not in ("organism", "file"):
             raise ValueError(f"source must be organism or file, got {self.source!r}")
+        for name in ("prefix_tokens", "suffix_tokens", "sequences", "per_bin"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive number, got {value}")
+        if self.ordinary < 0:
+            raise ValueError(f"ordinary must be 0 or more, got {self.ordinary}")
+        if self.feature_model.startswith("checkpoint@"):
+            checkpoint_fraction(self.feature_model)
 
 
 @dataclass
@@ -71,6 +110,20 @@ class PredictionParams:
             raise ValueError(f"splits must be at least 1, got {self.splits}")
 
 
+def per_score_sample(seqs: list[TokenSequence], truth: dict[str, torch.Tensor], per_bin: int,
+                     seed: int) -> list[TokenSequence]:
+    """Chen et al.'s sampling (§A4): group the sequences by their score M = i/ℓ and keep at most ``per_bin`` of
+    each group (a seeded draw), which roughly balances the score levels. Order: by M, then the draw."""
+    groups: dict[int, list[TokenSequence]] = {}
+    for s in seqs:
+        groups.setdefault(int(truth[s.id].sum()), []).append(s)
+    out: list[TokenSequence] = []
+    for hits in sorted(groups):
+        members = groups[hits]
+        out.extend(random.Random(f"per-bin-{seed}-{hits}").sample(members, min(per_bin, len(members))))
+    return out
+
+
 class PredictionProtocol(Protocol):
     name = "prediction"
     summary = "Predict which continuation tokens of training sequences greedy decoding reproduces"
@@ -80,12 +133,29 @@ class PredictionProtocol(Protocol):
 
     @classmethod
     def check_task(cls, task) -> None:
-        if task.data.source == "file":
-            resolve_path(task.data.path, "the training sequences", PAPER_DATA)
-        fm = task.data.feature_model
+        """One-line errors before any model loads: the data file, an unknown checkpoint, k + ℓ longer than the
+        organism's sequences."""
+        d = task.data
+        if d.source == "file":
+            resolve_path(d.path, "the training sequences", PAPER_DATA)
+        fm = d.feature_model
         if fm.startswith("checkpoint@") and not task.model.startswith("organism:"):
             raise UsageError(f"{task.path}: data.feature_model '{fm}' needs an organism model; give a model spec "
                              f"(e.g. hf:<repo>@<step>) for other models")
+        if task.model.startswith("organism:") and d.source == "organism":
+            from memeval.organisms.presets import PRESETS, parse_organism_spec
+
+            preset = PRESETS[parse_organism_spec(task.model.partition(":")[2])[0]]
+            total = preset.prefix_len + preset.suffix_len
+            k, ell = d.prefix_tokens or preset.prefix_len, d.suffix_tokens or preset.suffix_len
+            if k + ell > total:
+                raise UsageError(f"{task.path}: data.prefix_tokens + data.suffix_tokens = {k} + {ell} = {k + ell} "
+                                 f"exceeds the {total} tokens of {task.model}'s planted sequences")
+            if fm.startswith("checkpoint@"):
+                fractions = (*preset.checkpoint_fractions, 1.0)
+                if not any(abs(checkpoint_fraction(fm) - f) < 1e-9 for f in fractions):
+                    raise UsageError(f"{task.path}: data.feature_model '{fm}': {task.model} has checkpoints at "
+                                     f"{', '.join(f'{f:g}' for f in fractions)} of training")
 
     @classmethod
     def skip_reason(cls, task, method_cls) -> str | None:
@@ -103,49 +173,67 @@ class PredictionProtocol(Protocol):
     def prepare(self) -> None:
         self.status("loading sequences")
         seqs = self._sequences()
-        if len(seqs) < 10:
-            raise UsageError(f"{self.task.path}: {len(seqs)} sequences; prediction needs at least 10")
-        self.sequences = {s.id: s for s in seqs}
         self.status(f"greedy ground truth of {len(seqs)} sequences")
         from memeval.generation import greedy_match
 
-        self.truth = {s.id: torch.tensor(m.matches, dtype=torch.bool)
-                      for s, m in zip(seqs, greedy_match(self.model, seqs, self.params.batch_size))}
-        self.feature_model = self._feature_model()
+        truth = {s.id: torch.tensor(m.matches, dtype=torch.bool)
+                 for s, m in zip(seqs, greedy_match(self.model, seqs, self.params.batch_size))}
+        if self.data.per_bin is not None:
+            seqs = per_score_sample(seqs, truth, self.data.per_bin, self.seed)
+        self.sequences = {s.id: s for s in seqs}
+        self.truth = {s.id: truth[s.id] for s in seqs}  # never leaves this module except as train/val labels
         self._features: dict[str, dict[str, torch.Tensor]] = {s.id: {} for s in seqs}
-        ids = list(self.sequences)
-        self.splits = {}
+        self.splits: dict[str, tuple[list[str], list[str], list[str]]] = {}
         for j in range(self.params.splits):
-            order = list(ids)
+            order = list(self.sequences)
             random.Random(f"prediction-{self.seed}-{j}").shuffle(order)
             n_train = int(len(order) * self.params.fractions[0])
             n_val = int(len(order) * self.params.fractions[1])
-            self.splits[f"split{j}"] = (order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :])
+            parts = (order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :])
+            for name, part in zip(("train", "validation", "test"), parts):
+                if not part:
+                    raise UsageError(f"{self.task.path}: params.fractions {self.params.fractions} leave the {name} "
+                                     f"split empty with {len(order)} sequences; use more sequences or larger fractions")
+            self.splits[f"split{j}"] = parts
+        self.feature_model = self._feature_model()
 
     def _sequences(self) -> list[TokenSequence]:
         d = self.data
         tok = self.model.tokenizer
+        self.groups: dict[str, str] = {}  # sequence id -> "dup=<copies>" (planted) or "ordinary"
         if d.source == "organism":
             org = organism_for(self.task.model)
-            k, l = d.prefix_tokens or org.prefix_len, d.suffix_tokens or org.suffix_len
-            planted = [TokenSequence(p["id"], tuple(p["input_ids"][: k + l]), k) for p in org.planted
-                       if len(p["input_ids"]) >= k + l]
+            k, ell = d.prefix_tokens or org.prefix_len, d.suffix_tokens or org.suffix_len
+            short = [p for p in org.planted if len(p["input_ids"]) < k + ell]
+            if short:
+                raise UsageError(f"{self.task.path}: data.prefix_tokens + data.suffix_tokens = {k + ell} exceeds the "
+                                 f"{len(short[0]['input_ids'])} tokens of planted sequence {short[0]['id']}")
+            planted = [TokenSequence(p["id"], tuple(p["input_ids"][: k + ell]), k) for p in org.planted]
+            self.groups.update({p["id"]: f"dup={p['duplicates']}" for p in org.planted})
             docs = [x["text"] for x in org.train_documents() if not x.get("planted_id")]
             random.Random(f"ordinary-{self.seed}").shuffle(docs)
-            ordinary = []
-            for text in docs:
+            ordinary: list[TokenSequence] = []
+            for text in docs:  # ordinary training chunks: the first k + ℓ tokens of documents long enough
+                if len(ordinary) >= d.ordinary:
+                    break
                 ids = tok(text)["input_ids"]
-                if len(ids) >= k + l:
-                    ordinary.append(TokenSequence(f"ordinary{len(ordinary)}", tuple(ids[: k + l]), k))
-                    if len(ordinary) >= d.ordinary:
-                        break
+                if len(ids) >= k + ell:
+                    ordinary.append(TokenSequence(f"ordinary{len(ordinary)}", tuple(ids[: k + ell]), k))
+                    self.groups[ordinary[-1].id] = "ordinary"
             seqs = planted + ordinary
         else:
-            k, l = d.prefix_tokens or 32, d.suffix_tokens or 16
-            rows = load_token_rows(resolve_path(d.path, "the training sequences", PAPER_DATA), k, tok)
-            seqs = [TokenSequence(s.id, s.input_ids[: k + l], k) for s in rows if len(s.input_ids) >= k + l]
+            k, ell = d.prefix_tokens or 32, d.suffix_tokens or 16
+            path = resolve_path(d.path, "the training sequences", PAPER_DATA)
+            rows = load_token_rows(path, k, tok)
+            short = [s for s in rows if len(s.input_ids) < k + ell]
+            if short:
+                raise UsageError(f"{path}: sequence {short[0].id} has {len(short[0].input_ids)} tokens, fewer than "
+                                 f"data.prefix_tokens + data.suffix_tokens = {k} + {ell}")
+            seqs = [TokenSequence(s.id, s.input_ids[: k + ell], k) for s in rows]
         if d.sequences is not None and len(seqs) > d.sequences:
             seqs = random.Random(f"sample-{self.seed}").sample(seqs, d.sequences)
+        if len(seqs) < 10:
+            raise UsageError(f"{self.task.path}: {len(seqs)} sequences; prediction needs at least 10")
         return seqs
 
     def _feature_model(self) -> NeuronModel:
@@ -156,12 +244,13 @@ class PredictionProtocol(Protocol):
 
         if fm.startswith("checkpoint@"):
             org = organism_for(self.task.model)
-            fraction = float(fm.partition("@")[2])
+            fraction = checkpoint_fraction(fm)
             fractions = org.checkpoint_fractions
-            if fraction not in fractions:
+            hits = [i for i, f in enumerate(fractions) if abs(f - fraction) < 1e-9]
+            if not hits:
                 raise UsageError(f"{self.task.path}: data.feature_model {fm}: the organism has checkpoints at "
                                  f"{', '.join(f'{f:g}' for f in fractions)}")
-            path = org.checkpoints[fractions.index(fraction)]
+            path = org.checkpoints[hits[0]]
             return load_model(str(path), self.model.device, self.model.dtype)
         return load_model(fm, self.model.device, self.model.dtype)
 
@@ -241,12 +330,20 @@ class PredictionProtocol(Protocol):
 
     def metrics(self) -> dict[str, bool]:
         out = {"token_accuracy": True, "full_accuracy": True, "token_auc": True, "exact_auc": True,
-               "memorized_f1": True, "forecast_precision": True, "forecast_recall": True, "test_exact": True,
-               "selected_on_test": False}
+               "memorized_f1": True, "forecast_precision": True, "forecast_recall": True,
+               "majority_token_accuracy": True, "test_exact": True, "selected_on_test": False}
         for b in range(self.params.bins):
             out[f"full_accuracy@bin={self._centre(b):g}"] = True
             out[f"predicted_m@bin={self._centre(b):g}"] = True
+        for g in self._group_names():
+            out[f"token_accuracy@{g}"] = True
+            out[f"token_auc@{g}"] = True
         return out
+
+    def _group_names(self) -> list[str]:
+        """Duplication groups of the organism's sequences, by copies, then ``ordinary`` (none for file data)."""
+        names = {getattr(self, "groups", {}).get(i, "") for i in getattr(self, "sequences", {})} - {""}
+        return sorted(names, key=lambda g: (g == "ordinary", int(g[4:]) if g.startswith("dup=") else 0))
 
     def _centre(self, b: int) -> float:
         return round((b + 0.5) / self.params.bins, 4)
@@ -256,8 +353,10 @@ class PredictionProtocol(Protocol):
 
     def evaluate(self, method: Method, item_ids: list[str]) -> list[dict[str, Any]]:
         if not isinstance(method, Predictor):
-            raise RuntimeError(f"{method.name} is not a predictor")
+            raise TypeError(f"{method.name} is not a predictor")
         names = tuple(method.features)
+        if "source_matches" in names and not self.forecasting():  # the runner skips these (skip_reason)
+            raise RuntimeError("source_matches is not offered on a token-level task: it would be the labels")
         self._ensure(names)
         return [self._evaluate_split(method, names, i) for i in item_ids]
 
@@ -280,10 +379,15 @@ class PredictionProtocol(Protocol):
         out = {"token_accuracy": token_accuracy(probs, labels), "full_accuracy": full_accuracy(probs, labels),
                "token_auc": token_auc(probs, labels), "exact_auc": exact_auc(scores, labels),
                "memorized_f1": memorized_f1(probs, labels), "forecast_precision": precision,
-               "forecast_recall": recall, "test_exact": sum(bool(y.all()) for y in labels) / len(labels),
-               "selected_on_test": float(on_test)}
+               "forecast_recall": recall, "majority_token_accuracy": majority_token_accuracy(labels),
+               "test_exact": sum(bool(y.all()) for y in labels) / len(labels), "selected_on_test": float(on_test)}
         for b, (acc, pm) in enumerate(zip(full_accuracy_by_bin(probs, labels, self.params.bins),
                                           predicted_m_by_bin(probs, labels, self.params.bins))):
             out[f"full_accuracy@bin={self._centre(b):g}"] = acc
             out[f"predicted_m@bin={self._centre(b):g}"] = pm
+        for g in self._group_names():
+            rows = [n for n, i in enumerate(test) if self.groups.get(i) == g]
+            out[f"token_accuracy@{g}"] = token_accuracy([probs[n] for n in rows], [labels[n] for n in rows]) \
+                if rows else None
+            out[f"token_auc@{g}"] = token_auc([probs[n] for n in rows], [labels[n] for n in rows]) if rows else None
         return out
