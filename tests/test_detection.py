@@ -286,7 +286,7 @@ def test_readme_detector_example_runs(tiny_protocol):
     import re
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("**A-priori detection**"):readme.index("## Model organisms")]
+    section = readme[readme.index("**A-priori detection**"):readme.index("**Memorization prediction**")]
     (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
     scope: dict = {}
     exec(code, scope)

@@ -184,3 +184,26 @@ def test_paper_tasks_fail_in_one_line_without_data(tmp_path, capsys, monkeypatch
     err = capsys.readouterr().err
     assert code == 2 and "environment variable MEMEVAL_DATA is not set" in err
     assert len([l for l in err.splitlines() if l.startswith("memeval: error")]) == 1 and "Traceback" not in err
+
+
+def test_readme_predictor_example_runs_and_beats_chance(micro_env, memeval_plugin):
+    """The predictor example of README's prediction section, executed as written and scored on the organism."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("**Memorization prediction**"):readme.index("## Model organisms")]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    scope: dict = {}
+    exec(code, scope)
+
+    class ReadmePlugin:
+        @hookimpl
+        def memeval_methods(self):
+            return [scope["LowLoss"]]
+
+    memeval_plugin(ReadmePlugin(), "readme-predictor")
+    tasks = task_file(micro_env / "tasks", "pred_micro")
+    assert main(["--methods", "low_loss", "--tasks", "pred_micro", "--include-path", str(tasks),
+                 "--output", str(micro_env / "out"), "--device", "cpu"]) == 0
+    summary = json.loads((micro_env / "out" / "summary.json").read_text())
+    assert summary["results"][0]["metrics"]["token_auc"]["mean"] > 0.7
