@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from memeval import hookimpl
 from memeval.api import Editor, SequenceSet
 from memeval.errors import UsageError
+from memeval.metrics import per_layer_k_floor
 from memeval.models import NeuronModel
 from memeval_methods._editing import general_text, require_forget, zero_columns
 
@@ -101,6 +102,10 @@ class SelectivePruning(Editor):
         batch_size: int = 16
         sampled_sequences: int = 64  # without a retain set
         sampled_length: int = 64
+        # Equal cost with localizers (DEL): per_layer prunes per_layer_k_floor(I, budget) MLP neurons in every layer
+        # not in skip_layers (the localizers' per-layer rule) instead of one global top-k of budget·L·I.
+        per_layer: bool = False
+        skip_layers: list[int] = field(default_factory=list)
 
     def edit(self, model: NeuronModel, forget: SequenceSet | None, retain: SequenceSet | None,
              budget: float) -> NeuronModel:
@@ -112,7 +117,9 @@ class SelectivePruning(Editor):
         retain = general_text(model, retain, cfg.sampled_sequences, cfg.sampled_length, cfg.seed)
         edited = model.clone()
         total = model.num_layers * model.num_neurons
-        target = min(total, round(budget * total))
+        eligible = torch.tensor([l not in cfg.skip_layers for l in range(model.num_layers)], device=model.device)
+        quota = per_layer_k_floor(model.num_neurons, budget) if cfg.per_layer else 0  # per eligible layer
+        target = quota * int(eligible.sum()) if cfg.per_layer else min(total, round(budget * total))
         if target <= 0:
             return edited
         steps = max(1, math.ceil(target / max(1, round(cfg.step_fraction * total))))
@@ -133,13 +140,21 @@ class SelectivePruning(Editor):
                 r = neuron_importance(edited, retain, cfg.importance, cfg.batch_size, "attn" in units)
                 scores = {unit: f[unit] / (r[unit] + eps) for unit, (_, _, eps) in units.items()}
             for unit, (unit_target, pruned, _) in units.items():
-                k = round(unit_target * (step + 1) / steps) - int(pruned.sum())
-                if k <= 0:
-                    continue
-                s = scores[unit].masked_fill(pruned, float("-inf")).flatten()
-                new = torch.zeros_like(pruned).flatten()
-                new[s.topk(k).indices] = True
-                new = new.view_as(pruned)
+                blocked = pruned | ~eligible[:, None] if unit == "mlp" else pruned
+                if unit == "mlp" and cfg.per_layer:  # each eligible layer up to its share of the quota
+                    new = torch.zeros_like(pruned)
+                    for l in torch.nonzero(eligible).flatten().tolist():
+                        k = round(quota * (step + 1) / steps) - int(pruned[l].sum())
+                        if k > 0:
+                            new[l, scores[unit][l].masked_fill(pruned[l], float("-inf")).topk(k).indices] = True
+                else:
+                    k = round(unit_target * (step + 1) / steps) - int(pruned.sum())
+                    if k <= 0:
+                        continue
+                    s = scores[unit].masked_fill(blocked, float("-inf")).flatten()
+                    new = torch.zeros_like(pruned).flatten()
+                    new[s.topk(k).indices] = True
+                    new = new.view_as(pruned)
                 pruned |= new
                 zero_columns(edited, {l: new[l] for l in range(model.num_layers)}, attention=unit == "attn")
         return edited

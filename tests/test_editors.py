@@ -263,14 +263,23 @@ def test_editors_run_in_deletion_set_granularity(tiny_model_dir, tmp_path, monke
         "ppl_sequences: 4}\n"
         "params: {ratios: [0.05, 0.125], granularity: set, set_size: 2, sets: 2}\n")
     out = tmp_path / "out"
-    code = main(["--methods", "kfac_curvature,selective_pruning", "--tasks", "del_set_tiny", "--include-path",
+    code = main(["--methods", "kfac_curvature,selective_pruning,random", "--tasks", "del_set_tiny", "--include-path",
                  str(tasks), "--output", str(out), "--device", "cpu",
                  "--method-config", "kfac_curvature.sampled_sequences=4",
-                 "--method-config", "selective_pruning.sampled_sequences=4"])
+                 "--method-config", "selective_pruning.sampled_sequences=4",
+                 "--method-config", "selective_pruning.per_layer=true", "--method-config", "selective_pruning.skip_layers=0"])
     assert code == 0
     recs = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
-    assert len(recs) == 4 and all("metrics" in r for r in recs), recs  # no error, no fingerprint change
-    assert all(r["metrics"]["d_rand_ppl@0.125"] != 0 for r in recs)
+    assert len(recs) == 6 and all("metrics" in r for r in recs), recs  # no error, no fingerprint change
+    assert all(r["metrics"]["d_rand_ppl@0.125"] != 0 for r in recs if r["method"] != "random")
+    # equal cost: per layer, selective pruning removes what the localizers' ablation zeroes (int(80·r) in
+    # layer 1 of the 2-layer model: 4 and 10), where the global budget removed round(r·2·80) = 8 and 20
+    by = {(r["method"], r["item"]): r["metrics"] for r in recs}
+    for item in ("set0", "set1"):
+        sp, rnd, kf = by[("selective_pruning", item)], by[("random", item)], by[("kfac_curvature", item)]
+        assert sp["neurons_removed@0.05"] == rnd["neurons_removed@0.05"] == 4
+        assert sp["neurons_removed@0.125"] == rnd["neurons_removed@0.125"] == 10
+        assert kf["neurons_removed@0.125"] == 0 and kf["weights_changed@0.125"] > sp["weights_changed@0.125"] > 0
 
 
 # ---------------------------------------------------------------------------------------------

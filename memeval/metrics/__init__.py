@@ -32,6 +32,7 @@ from memeval.metrics.sequences import (
 )
 from memeval.metrics.ranking import (
     per_layer_k,
+    per_layer_k_floor,
     top_k_per_layer,
     top_k_global,
     recall,
@@ -107,6 +108,7 @@ __all__ = [
     "ngrams",
     "ngram_jaccard",
     "per_layer_k",
+    "per_layer_k_floor",
     "top_k_per_layer",
     "top_k_global",
     "recall",

@@ -14,6 +14,12 @@ def per_layer_k(num_neurons: int, ratio: float) -> int:
     return max(1, round(num_neurons * ratio))
 
 
+def per_layer_k_floor(num_neurons: int, ratio: float) -> int:
+    """Neurons zeroed per layer for a ratio in DEL: ``int(I · ratio)`` (MemPi's DEL rule; may be 0). Editors
+    that prune per layer use it too, so that they remove what the localizers' ablation removes."""
+    return int(num_neurons * ratio)
+
+
 def top_k_per_layer(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean ``[L, I]`` mask of each layer's ``k`` highest scores (ties broken by the lower index)."""
     idx = scores.topk(k, dim=-1, sorted=False).indices

@@ -6,6 +6,9 @@ neurons per layer (layers in ``skip_layers`` untouched; MemPi skips layer 0) and
 - ``d_self_acc@k``  Δ teacher-forced suffix accuracy of the target (fraction; lower = more erased);
 - ``d_self_dist@k`` Δ character Levenshtein of its teacher-forced continuation (higher = more erased);
 - ``d_neg_acc@k``, ``d_neg_dist@k`` the same, averaged over the other memorized sequences (near 0 = specific);
+- ``neurons_removed@k`` MLP neurons removed (zeroed down-projection columns; a localizer: int(I·k) per scored
+  layer) and ``weights_changed@k`` the fraction of the model's weights the edit changed (a localizer: those
+  columns), so that methods are compared at their real cost;
 - ``d_rand_ppl@k`` Δ perplexity = exp(mean token NLL) of held-out text (``faithful: true``: MemPi's mean over
   16-sequence chunks of 2^(chunk NLL), :func:`memeval.metrics.mempi_perplexity`).
 
@@ -23,7 +26,7 @@ import torch
 
 from memeval.api import Batch, Editor, Method, SequenceSet, TokenSequence
 from memeval.errors import UsageError
-from memeval.metrics import mempi_perplexity, perplexity
+from memeval.metrics import mempi_perplexity, per_layer_k_floor, perplexity
 from memeval.models import NeuronModel
 from memeval.protocols.base import Protocol
 from memeval.protocols.measure import SampleLog, chunk_token_nlls, mean_token_nll, suffix_stats
@@ -99,7 +102,7 @@ class DeletionProtocol(Protocol):
         self.targets = {s.id: s for s in test[: self.data.targets] + dev}
         self.negatives = test[: self.data.negatives] if self.data.negatives else test
         self.ppl_set = ppl
-        self.k = {r: int(self.model.num_neurons * r) for r in self.params.ratios}
+        self.k = {r: per_layer_k_floor(self.model.num_neurons, r) for r in self.params.ratios}
         if min(self.k.values()) < 1:
             raise UsageError(f"{self.task.path}: ratio {min(self.params.ratios)} selects 0 of "
                              f"{self.model.num_neurons} neurons per layer; use a larger ratio")
@@ -141,7 +144,8 @@ class DeletionProtocol(Protocol):
         out = {"self_acc_before": True}
         for r in self.params.ratios:
             out.update({f"d_self_acc@{r:g}": False, f"d_self_dist@{r:g}": True, f"d_neg_acc@{r:g}": True,
-                        f"d_neg_dist@{r:g}": False, f"d_rand_ppl@{r:g}": False})
+                        f"d_neg_dist@{r:g}": False, f"d_rand_ppl@{r:g}": False, f"neurons_removed@{r:g}": False,
+                        f"weights_changed@{r:g}": False})
         return out
 
     def primary_metric(self) -> str:
@@ -203,10 +207,25 @@ class DeletionProtocol(Protocol):
                     metrics.update(self._measure(self.model, members, ratio))
                     if self.log_samples:
                         after[f"after@{ratio:g}"] = self.sample_log.continuations(self.model, self._seqs(members))
+                removed = self.k[ratio] * len(self.layers)  # the zeroed columns, as weights
+                metrics[f"neurons_removed@{ratio:g}"] = float(removed)
+                metrics[f"weights_changed@{ratio:g}"] = removed * self.model.hidden_size / self._n_weights()
             if self.log_samples:
                 metrics["samples"] = self.sample_log.rows(self._seqs(members), after)
             out.append(metrics)
         return out
+
+    def _n_weights(self) -> int:
+        return sum(p.numel() for p in self.model.hf.parameters())
+
+    @torch.no_grad()
+    def _cost(self, edited: NeuronModel, ratio: float) -> dict[str, float]:
+        """What an editor removed, in the localizers' units: MLP neurons whose down-projection column it
+        zeroed (that were not zero before), and the fraction of all weights it changed."""
+        neurons = sum(int(((edited.down_proj(l) == 0).all(0) & ~(self.model.down_proj(l) == 0).all(0)).sum())
+                      for l in range(self.model.num_layers))
+        changed = sum(int((a != b).sum()) for a, b in zip(edited.hf.parameters(), self.model.hf.parameters()))
+        return {f"neurons_removed@{ratio:g}": float(neurons), f"weights_changed@{ratio:g}": changed / self._n_weights()}
 
     def _seqs(self, members: list[str]) -> list[TokenSequence]:
         return [self.targets[m] for m in members]
@@ -219,6 +238,7 @@ class DeletionProtocol(Protocol):
         for ratio in self.params.ratios:
             edited = method.edit(self.model, forget, None, ratio)
             metrics.update(self._measure(edited, members, ratio))
+            metrics.update(self._cost(edited, ratio))
             if self.log_samples:
                 after[f"after@{ratio:g}"] = self.sample_log.continuations(edited, self._seqs(members))
         if self.log_samples:
