@@ -389,7 +389,7 @@ def override_model(task: Task, spec: str, model_args: dict[str, Any], registry: 
     registry = registry or get_registry()
     if not spec.startswith(("memory:", "organism:")):
         resolve_spec(spec)  # a directory that is not there fails now, in one line, before any data is read
-    why = registry.protocols[task.protocol].obj.model_override_refusal(task)
+    why = registry.protocols[task.protocol].obj.model_override_refusal(task, spec)
     if why:
         raise UsageError(f"--model {spec}: task '{task.name}' cannot score another model: {why}")
     return dataclasses.replace(task, model=spec, model_args={**task.model_args, **model_args})

@@ -125,8 +125,18 @@ def test_model_override_is_refused_where_the_data_belong_to_the_tasks_model(tiny
                  "--output", str(tmp_path / "o")])
     assert code == 2
     err = capsys.readouterr().err
-    assert "task 'del_organism' cannot score another model" in err and "data.source: organism" in err
-    assert len(err.strip().splitlines()) == 1
+    errors = [l for l in err.splitlines() if l.startswith("memeval: error")]
+    assert len(errors) == 1 and "task 'del_organism' cannot score another model" in errors[0]
+    assert "data.source: organism" in errors[0]
+
+
+def test_an_organism_task_accepts_another_organism(micro_organism, tmp_path, capsys):
+    """Another organism (another seed, another preset) brings its own memorized set: accepted, and the task then
+    reads that organism's data (micro memorized 2 sequences, too few for del_organism's 5 dev targets)."""
+    code = main(["--methods", "random", "--tasks", "del_organism", "--model", "organism:micro",
+                 "--output", str(tmp_path / "o"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot score another model" not in err and "only 2 memorized sequences" in err
 
 
 def test_a_file_task_without_a_model_asks_for_one(tmp_path, capsys):

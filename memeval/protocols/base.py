@@ -46,14 +46,17 @@ class Protocol:
         """Fail fast (a :class:`UsageError`) on what is missing before the model is loaded, e.g. data files."""
 
     @classmethod
-    def model_override_refusal(cls, task: "Task") -> str | None:
+    def model_override_refusal(cls, task: "Task", spec: str) -> str | None:
         """Why ``--model`` cannot replace this task's model, or None. By default a task whose
-        ``data.source`` is not ``file`` refuses: its sequences (an organism's memorized set, its training
-        documents) belong to the model the task names, and would mean nothing on another."""
+        ``data.source`` is not ``file`` refuses ``spec``: its sequences (an organism's memorized set, its training
+        documents) belong to the model the task names, and would mean nothing on another; another organism
+        (``organism:tiny@1``) is accepted by an organism-source task, as it brings its own."""
         source = getattr(task.data, "source", "file")
+        if source == "organism" and spec.startswith("organism:"):
+            return None  # another organism brings its own data (e.g. another seed: organism:tiny@1)
         if source != "file":
             return (f"its data (data.source: {source}) belong to {task.model}; use a file task "
-                    f"(`memeval ls tasks` lists them) with --task-config TASK.data.path=...")
+                    f"(`memeval ls tasks` lists them) with --task-config TASK.data.path=..., or another organism")
         return None
 
     @classmethod

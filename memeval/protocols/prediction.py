@@ -163,12 +163,6 @@ class PredictionProtocol(Protocol):
             return "it reads the feature model's own greedy matches, which on a token-level task are the labels"
         return None
 
-    @classmethod
-    def model_override_refusal(cls, task) -> str | None:
-        if task.data.feature_model.startswith("checkpoint@"):
-            return f"its feature model ({task.data.feature_model}) is a checkpoint of {task.model}"
-        return super().model_override_refusal(task)
-
     # -- data and ground truth -------------------------------------------------------------------
     def prepare(self) -> None:
         self.status("loading sequences")
