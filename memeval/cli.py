@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     lb_build = lb_sub.add_parser("build")
     lb_build.add_argument("results", nargs="+", type=Path)
     lb_build.add_argument("--out", type=Path, default=Path("site"))
+    lb_stab = lb_sub.add_parser("stability", help="ranking stability across result directories of organism seeds")
+    lb_stab.add_argument("results", nargs="+", type=Path, help="one result directory per organism seed, seed order")
+    lb_stab.add_argument("--out", type=Path, default=Path("stability.json"))
 
     org = sub.add_parser("organism", help="build or inspect a model organism")
     org_sub = org.add_subparsers(dest="org_command", parser_class=_Parser, required=True)
@@ -176,6 +179,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from memeval.leaderboard import build_site
+
+    if args.lb_command == "stability":
+        from memeval.leaderboard.stability import stability_command
+
+        return stability_command(args.results, args.out)
 
     info = build_site(args.results, args.out)
     print(f"site written to {args.out} ({info.get('pages', '?')} pages)")

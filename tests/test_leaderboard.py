@@ -353,3 +353,39 @@ def test_prediction_page_plots_predicted_against_true_m(tmp_path):
     assert [m["file"] for m in made] == ["pred-calibration.svg"]
     assert (tmp_path / "pred-calibration.svg").read_text().lstrip().startswith("<?xml")
     assert task_plots([{"method": "x", "metrics": {"token_auc": metric(0.7)}}], tmp_path, "none") == []
+
+
+def test_ranking_stability_by_hand(tmp_path):
+    from memeval.leaderboard.stability import kendall_tau, stability, stability_command
+
+    assert kendall_tau(["a", "b", "c"], ["a", "b", "c"]) == 1.0
+    assert kendall_tau(["a", "b", "c"], ["c", "b", "a"]) == -1.0
+    assert kendall_tau(["a", "b", "c"], ["b", "a", "c"]) == pytest.approx(1 / 3)  # 2 concordant, 1 discordant
+
+    def summary(values: dict[str, float], model: str) -> dict:
+        return {"tasks": {"t": {"model": model}},
+                "results": [{"method": m, "task": "t", "primary": {"value": v, "higher_is_better": False}}
+                            for m, v in values.items()]}
+
+    # lower is better: seed 0 ranks a > b > c; seed 1 swaps b and c; "d" is missing on seed 1 and left out
+    s0, s1 = summary({"a": 0.1, "b": 0.2, "c": 0.3, "d": 0.0}, "organism:tiny"), summary({"a": 0.1, "b": 0.4, "c": 0.3}, "organism:tiny@1")
+    r = stability([s0, s1], ["organism:tiny", "organism:tiny@1"])["t"]
+    assert r["rankings"] == [["a", "b", "c"], ["a", "c", "b"]]
+    assert r["kendall_tau_mean"] == pytest.approx(1 / 3) and (r["adjacent_held"], r["adjacent_total"]) == (1, 2)
+    for i, s in enumerate((s0, s1)):
+        (tmp_path / f"s{i}").mkdir()
+        (tmp_path / f"s{i}" / "summary.json").write_text(json.dumps(s))
+    assert stability_command([tmp_path / "s0", tmp_path / "s1"], tmp_path / "stability.json") == 0
+    assert json.loads((tmp_path / "stability.json").read_text())["t"]["seeds"] == ["organism:tiny", "organism:tiny@1"]
+
+
+def test_task_page_shows_ranking_stability_and_says_when_it_flips(tmp_path, sets):
+    st = {"inj_organism": {"seeds": ["organism:tiny", "organism:tiny@1"], "rankings": [["a", "b"], ["b", "a"]],
+                           "kendall_tau": {"organism:tiny~organism:tiny@1": -1.0}, "kendall_tau_mean": -1.0,
+                           "adjacent_held": 0, "adjacent_total": 1}}
+    (sets / "stability.json").write_text(json.dumps(st))
+    build_site([sets], tmp_path / "site")
+    page = (tmp_path / "site" / "tasks" / "inj_organism.html").read_text()
+    assert "Ranking stability over organism seeds" in page and "mean Kendall τ\n-1.000" in page
+    assert "the ranking flips between seeds" in page
+    assert "Ranking stability" not in (tmp_path / "site" / "tasks" / "del_organism.html").read_text()

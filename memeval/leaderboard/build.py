@@ -300,6 +300,9 @@ def build_site(results_dirs: list[Path], out: Path, contributing: Path | None = 
         groups.setdefault(group_of(tasks[t]), []).append(t)
     group_names = [g for g in GROUP_ORDER if g in groups] + sorted(g for g in groups if g not in GROUP_ORDER)
 
+    from memeval.leaderboard.stability import find_stability
+
+    stable = find_stability([Path(d) for d in results_dirs])
     task_info = {}
     for t, t_rows in per_task.items():
         order = metric_order(tasks[t], t_rows)
@@ -310,7 +313,7 @@ def build_site(results_dirs: list[Path], out: Path, contributing: Path | None = 
                         "others": order[1:], "overview_metrics": order[1:1 + OVERVIEW_METRICS],
                         "hib": tasks[t]["higher_is_better"], "group": group_of(tasks[t]),
                         "n_items": (str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}") if ns else "—",
-                        "ranked": [r for r in t_rows if r.rank is not None],
+                        "ranked": [r for r in t_rows if r.rank is not None], "stability": stable.get(t),
                         "unranked": [r for r in t_rows if r.rank is None]}
 
     method_info = {}
