@@ -241,20 +241,25 @@ def frontier(rows: list[dict], path: Path, order: list[str] = (), params: dict |
     return True
 
 
+def _series(rows: list[dict], pattern: re.Pattern) -> dict[str, list[tuple[float, float, float | None]]]:
+    """Per method, (x, mean, stderr) of every metric matching ``pattern`` (x = its first group), sorted by x."""
+    series: dict[str, list[tuple[float, float, float | None]]] = {}
+    for r in rows:
+        for name in r["metrics"]:
+            m = pattern.match(name)
+            mean, se = _val(r, name) if m else (None, None)
+            if m and mean is not None:
+                series.setdefault(r["method"], []).append((float(m.group(1)), mean, se))
+    return {k: sorted(v) for k, v in series.items()}
+
+
 _ROC = re.compile(r"^tpr@fpr=([0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)$")
 
 
 def roc_curves(rows: list[dict], path: Path, order: list[str] = ()) -> bool:
     """ROC curves from the metrics ``tpr@fpr=<x>`` (detection): per method the mean TPR over items at each
     FPR of the grid (vertical averaging) ± stderr, from (0, 0) to (1, 1), and the chance diagonal."""
-    series: dict[str, list[tuple[float, float, float | None]]] = {}
-    for r in rows:
-        for name in r["metrics"]:
-            m = _ROC.match(name)
-            mean, se = _val(r, name) if m else (None, None)
-            if m and mean is not None:
-                series.setdefault(r["method"], []).append((float(m.group(1)), mean, se))
-    series = {k: sorted(v) for k, v in series.items() if len(v) >= 2}
+    series = {k: v for k, v in _series(rows, _ROC).items() if len(v) >= 2}
     if not series:
         return False
     fig = Figure(figsize=(5.2, 4.4))
@@ -284,20 +289,13 @@ _BIN = re.compile(r"^predicted_m@bin=([0-9]*\.?[0-9]+)$")
 def predicted_vs_true(rows: list[dict], path: Path, order: list[str] = ()) -> bool:
     """Per method, the mean predicted memorization score M of the test sequences in each bin of true M
     (metrics ``predicted_m@bin=<bin centre>``), against the diagonal of a calibrated predictor."""
-    series: dict[str, list[tuple[float, float, float | None]]] = {}
-    for r in rows:
-        for name in r["metrics"]:
-            m = _BIN.match(name)
-            mean, se = _val(r, name) if m else (None, None)
-            if m and mean is not None:
-                series.setdefault(r["method"], []).append((float(m.group(1)), mean, se))
+    series = _series(rows, _BIN)
     if not series:
         return False
     fig = Figure(figsize=(5.2, 4.4))
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], color="0.6", linestyle=":", label="calibrated")
     for i, (method, pts) in enumerate(series.items()):
-        pts.sort()
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0.0 for p in pts], capsize=3,
                     **style(i), label=_label(method))
     ax.set_xlim(0, 1)
