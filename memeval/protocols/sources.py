@@ -51,19 +51,7 @@ def load_token_rows(path: Path, prefix_len: int, tokenizer: Any = None) -> list[
         tensor = torch.load(path, map_location="cpu")
         return [TokenSequence(f"{path.stem}:{i}", tuple(r.tolist()), prefix_len) for i, r in enumerate(tensor)]
     out = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise UsageError(f"{path}: not UTF-8 text; expected JSONL with input_ids or text per line") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path}:{n}: not JSON ({e.msg}); expected {{\"input_ids\": [...]}} or {{\"text\": ...}}") from None
-        if not isinstance(obj, dict):
-            raise UsageError(f"{path}:{n}: expected an object with input_ids or text")
+    for n, obj in jsonl_objects(path, "an object with input_ids or text"):
         if isinstance(obj.get("input_ids"), list) and all(isinstance(t, int) for t in obj["input_ids"]):
             ids = obj["input_ids"]
         elif isinstance(obj.get("text"), str):
@@ -94,8 +82,9 @@ def beside(path: str | None, default: str | None, name: str) -> str | None:
 def load_prompt_rows(path: Path, tokenizer: Any) -> list[TokenSequence]:
     """MemPi's hand-collected GPT2-XL set: JSONL ``{prompt, all}``; the prompt is the prefix."""
     out = []
-    for i, line in enumerate(l for l in path.read_text().splitlines() if l.strip()):
-        obj = json.loads(line)
+    for i, (n, obj) in enumerate(jsonl_objects(path, 'an object with "prompt" and "all" strings')):
+        if not isinstance(obj.get("prompt"), str) or not isinstance(obj.get("all"), str):
+            raise UsageError(f'{path}:{n}: expected an object with "prompt" and "all" strings (MemPi\'s GPT2-XL format)')
         prefix = tokenizer(obj["prompt"])["input_ids"]
         ids = tokenizer(obj["all"])["input_ids"]
         out.append(TokenSequence(f"{path.stem}:{i}", tuple(ids), len(prefix)))
@@ -105,17 +94,30 @@ def load_prompt_rows(path: Path, tokenizer: Any) -> list[TokenSequence]:
 def load_texts(path: Path, key: str) -> list[str]:
     """One text per JSONL line under ``key`` (e.g. ECBD's ``definition``, or ``text``)."""
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    for n, obj in jsonl_objects(path, f"an object with a \"{key}\" string"):
+        if not isinstance(obj.get(key), str):
+            raise UsageError(f"{path}:{n}: expected an object with a \"{key}\" string (data.key: {key})")
+        out.append(obj[key])
+    return out
+
+
+def jsonl_objects(path: Path, expected: str):
+    """(line number, object) of every non-empty line of a JSONL file; one-line errors naming file and line
+    for text that is not UTF-8, a line that is not JSON, or a value that is not an object."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not UTF-8 text; expected JSONL with {expected} per line") from None
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UsageError(f"{path}:{n}: not JSON ({e.msg}); expected an object with a \"{key}\" string") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get(key), str):
-            raise UsageError(f"{path}:{n}: expected an object with a \"{key}\" string (data.key: {key})")
-        out.append(obj[key])
-    return out
+            raise UsageError(f"{path}:{n}: not JSON ({e.msg}); expected {expected}") from None
+        if not isinstance(obj, dict):
+            raise UsageError(f"{path}:{n}: expected {expected}")
+        yield n, obj
 
 
 def split_dev(items: list[Any], dev: int, seed: int) -> tuple[list[Any], list[Any]]:
