@@ -17,7 +17,6 @@ Exit codes: 0 success, 1 some items failed (recorded in results.jsonl), 2 usage 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings

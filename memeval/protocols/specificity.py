@@ -43,7 +43,7 @@ import torch
 from memeval.adapters import as_editor
 from memeval.api import Batch, Editor, Method, SequenceSet, TokenSequence
 from memeval.errors import UsageError
-from memeval.metrics import (NDCG_K, forget_collateral_auc, fraction_removed, greedy_tokens, loose_match,
+from memeval.metrics import (NDCG_K, forget_collateral_auc, fraction_removed, loose_match,
                              ndcg_at_k, perplexity, relative_increase, suffix_exact_match, token_correct,
                              token_nll)
 from memeval.models import NeuronModel
