@@ -170,12 +170,13 @@ class PredictionProtocol(Protocol):
         self.status(f"greedy ground truth of {len(seqs)} sequences")
         from memeval.generation import greedy_match
 
-        truth = {s.id: torch.tensor(m.matches, dtype=torch.bool)
-                 for s, m in zip(seqs, greedy_match(self.model, seqs, self.params.batch_size))}
+        greedy = dict(zip((s.id for s in seqs), greedy_match(self.model, seqs, self.params.batch_size)))
+        truth = {i: torch.tensor(m.matches, dtype=torch.bool) for i, m in greedy.items()}
         if self.data.per_bin is not None:
             seqs = per_score_sample(seqs, truth, self.data.per_bin, self.seed)
         self.sequences = {s.id: s for s in seqs}
         self.truth = {s.id: truth[s.id] for s in seqs}  # never leaves this module except as train/val labels
+        self._greedy = {s.id: greedy[s.id] for s in seqs}  # the scored model's continuations (features reuse them)
         self._features: dict[str, dict[str, torch.Tensor]] = {s.id: {} for s in seqs}
         self.splits: dict[str, tuple[list[str], list[str], list[str]]] = {}
         for j in range(self.params.splits):
@@ -288,7 +289,8 @@ class PredictionProtocol(Protocol):
         from memeval.generation import greedy_match
 
         fm = self.feature_model
-        matches = greedy_match(fm, seqs, self.params.batch_size)
+        matches = ([self._greedy[s.id] for s in seqs] if fm is self.model  # token-level: computed in prepare
+                   else greedy_match(fm, seqs, self.params.batch_size))
         generated = [TokenSequence(s.id, tuple(s.input_ids[: s.prefix_len]) + tuple(m.continuation), s.prefix_len)
                      for s, m in zip(seqs, matches)]
         for s, m in zip(seqs, matches):
