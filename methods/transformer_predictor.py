@@ -28,9 +28,9 @@ from memeval.api import Prediction, PredictionExample, Predictor
 
 
 class PredictorNet(nn.Module):
-    def __init__(self, d: int, heads: int, layers: int, batch_first: bool) -> None:
+    def __init__(self, d: int, heads: int, layers: int, batch_first: bool, ffn: int = 2048) -> None:
         super().__init__()
-        layer = nn.TransformerEncoderLayer(d, heads, batch_first=batch_first)
+        layer = nn.TransformerEncoderLayer(d, heads, dim_feedforward=ffn, batch_first=batch_first)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.proj = nn.Linear(d, 512)
         self.out = nn.Linear(513, 2)
@@ -62,6 +62,7 @@ class TransformerPredictor(Predictor):
         patience: int = 5  # epochs without a better validation token accuracy before stopping
         layers: int = 4
         heads: int = 8
+        ffn: int = 2048  # the encoder's feed-forward width (the reference keeps PyTorch's default, 2048)
         faithful: bool = False  # true: batch_first=False on batch-first input, and selection on the test split
 
     @property
@@ -80,7 +81,7 @@ class TransformerPredictor(Predictor):
         vh, vent = _stack(validation)
         vy = torch.tensor([e.matches for e in validation], dtype=torch.long)
         heads = cfg.heads if h.shape[-1] % cfg.heads == 0 else 1
-        self.net = PredictorNet(h.shape[-1], heads, cfg.layers, batch_first=not cfg.faithful)
+        self.net = PredictorNet(h.shape[-1], heads, cfg.layers, batch_first=not cfg.faithful, ffn=cfg.ffn)
         opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
         best, best_state, stale = -1.0, None, 0
         for _ in range(cfg.epochs):

@@ -84,3 +84,10 @@ def test_only_the_faithful_transformer_mixes_the_sequences_of_a_batch(faithful):
     together = method.predict(test)[0].token_probs
     assert torch.allclose(alone, together, atol=1e-5) is (not faithful)
     assert method.validation_is_test is faithful
+
+
+def test_transformer_ffn_width_is_configurable_and_defaults_to_the_reference():
+    assert TransformerPredictor.Config().ffn == 2048  # PyTorch's default, kept by the reference code
+    method = TransformerPredictor(TransformerPredictor.Config(epochs=1, ffn=64))
+    method.fit(planted(8, 0), planted(4, 1))
+    assert {layer.linear1.out_features for layer in method.net.encoder.layers} == {64}
