@@ -263,14 +263,16 @@ def test_editors_run_in_deletion_set_granularity(tiny_model_dir, tmp_path, monke
         "ppl_sequences: 4}\n"
         "params: {ratios: [0.05, 0.125], granularity: set, set_size: 2, sets: 2}\n")
     out = tmp_path / "out"
-    code = main(["--methods", "kfac_curvature,selective_pruning,random", "--tasks", "del_set_tiny", "--include-path",
+    code = main(["--methods", "kfac_curvature,selective_pruning,random,balanced_subnet", "--tasks", "del_set_tiny", "--include-path",
                  str(tasks), "--output", str(out), "--device", "cpu",
                  "--method-config", "kfac_curvature.sampled_sequences=4",
                  "--method-config", "selective_pruning.sampled_sequences=4",
-                 "--method-config", "selective_pruning.per_layer=true", "--method-config", "selective_pruning.skip_layers=0"])
+                 "--method-config", "selective_pruning.per_layer=true", "--method-config", "selective_pruning.skip_layers=0",
+                 "--method-config", "balanced_subnet.epochs=1", "--method-config", "balanced_subnet.sampled_sequences=4"])
     assert code == 0
     recs = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
-    assert len(recs) == 6 and all("metrics" in r for r in recs), recs  # no error, no fingerprint change
+    # balanced_subnet re-registers the weights it masked: its cost is still counted (by parameter name)
+    assert len(recs) == 8 and all("metrics" in r for r in recs), recs  # no error, no fingerprint change
     assert all(r["metrics"]["d_rand_ppl@0.125"] != 0 for r in recs if r["method"] != "random")
     # equal cost: per layer, selective pruning removes what the localizers' ablation zeroes (int(80·r) in
     # layer 1 of the 2-layer model: 4 and 10), where the global budget removed round(r·2·80) = 8 and 20

@@ -224,7 +224,8 @@ class DeletionProtocol(Protocol):
         zeroed (that were not zero before), and the fraction of all weights it changed."""
         neurons = sum(int(((edited.down_proj(l) == 0).all(0) & ~(self.model.down_proj(l) == 0).all(0)).sum())
                       for l in range(self.model.num_layers))
-        changed = sum(int((a != b).sum()) for a, b in zip(edited.hf.parameters(), self.model.hf.parameters()))
+        base = dict(self.model.hf.named_parameters())  # by name: an editor may re-register parameters (order)
+        changed = sum(int((p != base[n]).sum()) for n, p in edited.hf.named_parameters() if n in base)
         return {f"neurons_removed@{ratio:g}": float(neurons), f"weights_changed@{ratio:g}": changed / self._n_weights()}
 
     def _seqs(self, members: list[str]) -> list[TokenSequence]:
