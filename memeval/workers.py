@@ -3,7 +3,7 @@
 The driver (:class:`memeval.runner.Runner`) cuts every (method, task) pair's pending items into batches
 (:class:`Job`) and hands them to a pool of workers. A :class:`Worker` holds the prepared protocol of each task it
 has seen (model loaded, ground truth built, once per worker), scores a job with the runner's own
-:class:`~memeval.runner.PairRunner` (failure isolation, weight fingerprint check and restore included) and
+:class:`~memeval.scoring.PairRunner` (failure isolation, weight fingerprint check and restore included) and
 returns the records; it never writes results. The driver alone appends them to ``results.jsonl``, skipping an
 item already recorded, so a job retried after its worker died is never recorded twice.
 
@@ -86,7 +86,7 @@ class Worker:
 
     def score(self, job: Job) -> list[dict[str, Any]]:
         """The records of one job (errors isolated per item), never written here."""
-        from memeval.runner import PairRunner
+        from memeval.scoring import PairRunner
 
         protocol, model, _, _ = self._prepared(job.task)
         pair = self.pairs[(job.task, job.method)]
