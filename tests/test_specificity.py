@@ -345,3 +345,22 @@ def test_loose_match_is_on_the_free_greedy_generation(tiny_model_dir):
     for threshold in sorted(set(similarity)):
         got = score_sequences(model, seqs, threshold).loose
         assert got == [x >= threshold for x in similarity], threshold
+
+
+def test_organism_heldout_text_is_of_kinds_the_retain_set_never_contains(micro_organism):
+    """The held-out perplexity is measured on document kinds disjoint from the retain set's, each kind taken in
+    turn; an overlap or an unknown kind is refused naming the key."""
+    from memeval.errors import UsageError
+    from memeval.protocols.specificity import SpecificityData, organism_texts
+
+    data = SpecificityData(ppl_sequences=8, retain_sequences=60)
+    heldout, retain = organism_texts(micro_organism, data, 0, "spec.yaml")
+    assert [h["kind"] for h in heldout] == ["code", "arithmetic"] * 4
+    trained = {x["text"]: x["kind"] for x in micro_organism.train_documents()}
+    assert not {h["text"] for h in heldout} & set(trained)  # never trained on
+    assert {trained[t] for t in retain} == {"profile", "prose"}
+    assert organism_texts(micro_organism, data, 0, "spec.yaml") == (heldout, retain)  # seeded
+    with pytest.raises(ValueError, match="disjoint .* prose"):
+        SpecificityData(heldout_kinds=["code", "prose"])
+    with pytest.raises(UsageError, match=r"spec.yaml: data.heldout_kinds: unknown document kind 'poetry'"):
+        organism_texts(micro_organism, SpecificityData(heldout_kinds=["poetry"]), 0, "spec.yaml")

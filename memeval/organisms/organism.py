@@ -335,6 +335,11 @@ class Organism:
         return list(self._probes["heldout"])
 
     @property
+    def heldout_documents(self) -> list[dict[str, str]]:
+        """The never-trained-on documents with their kind, ``{"kind", "text"}``, in the order of :attr:`heldout`."""
+        return [{"kind": k, "text": t} for k, t in zip(self._probes["heldout_kinds"], self._probes["heldout"])]
+
+    @property
     def new_entities(self) -> list[str]:
         return list(self._probes["new_entities"])
 

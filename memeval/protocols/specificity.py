@@ -1,8 +1,8 @@
 """Specificity: after an edit that removes a forget set, what else broke? (DESIGN §6, issue 6)
 
 Each item is one seeded forget set (``set_size`` memorized sequences). An editor edits the model with that
-forget set and a retain set of general text (the organism's non-planted training documents, or
-``data.retain_path``) at every budget of ``params.budgets``; a localizer goes through
+forget set and a retain set of general text (the organism's non-planted training documents of
+``data.retain_kinds``, or ``data.retain_path``) at every budget of ``params.budgets``; a localizer goes through
 :func:`memeval.adapters.localize_then_ablate` (mean attribution over the forget set, zero the top ``budget``
 fraction of neurons of the layers not in ``skip_layers``). Budgets are in each method's own unit (fraction
 of neurons pruned, 1 − kept curvature mass, fraction of weights masked, fraction of the unlearning
@@ -12,10 +12,13 @@ Per budget ``b`` (metrics ``<name>@budget=<b>``):
 
 - ``forget_em_drop``: fraction of the forget set's exact match removed, (EM₀ − EM_b) / EM₀;
   ``forget_em``, ``forget_loose``, ``forget_token_acc``: exact match of the greedy continuation (one
-  teacher-forced pass: all suffix tokens are the argmax), loose match (character Levenshtein similarity of
-  the decoded continuation and true suffix ≥ 0.75) and suffix token accuracy;
+  teacher-forced pass: all suffix tokens are the argmax), loose match (Merullo et al.: the greedy generation
+  of ℓ tokens, token Levenshtein distance d to the true suffix, 1 − d/ℓ ≥ ``loose_threshold``) and suffix
+  token accuracy;
 - ``other_em``, ``other_loose``, ``other_token_acc``: the same on memorized sequences *not* in the forget set;
 - ``heldout_ppl`` = exp(token-weighted mean NLL) of held-out text and ``heldout_ppl_increase`` = ppl_b/ppl₀ − 1;
+  on an organism the held-out text is of document kinds (``heldout_kinds``: code, arithmetic) disjoint from
+  the retain set's (``retain_kinds``: profile, prose), a distribution the editor never saw in any form;
 - ``ndcg10``: nDCG@10 of the edited model's top-10 next tokens against the unedited model's, on the
   held-out text (1 = unchanged);
 - ``fact_acc``, ``arith_acc``: exact greedy answers to the fact-recall and arithmetic probes.
@@ -33,6 +36,7 @@ scores 0, however little perplexity it costs.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from dataclasses import dataclass, field
@@ -63,6 +67,10 @@ class SpecificityData:
     prefix_tokens: int | None = None  # file: prefix length when the rows do not give one
     ppl_path: str | None = None  # file: held-out text (input_ids | text) for perplexity and nDCG@10; default: heldout.jsonl beside path
     retain_path: str | None = None  # file: general text (tokens) handed to editors as the retain set
+    # organism: the document kinds of the retain set and of the held-out text; disjoint, so the perplexity
+    # is measured on a distribution the editor never saw in any form (it may fine-tune on the retain set)
+    retain_kinds: list[str] = field(default_factory=lambda: ["profile", "prose"])
+    heldout_kinds: list[str] = field(default_factory=lambda: ["code", "arithmetic"])
     facts_path: str | None = None  # file: optional JSONL {prompt, answer} fact-recall probes
     arithmetic_path: str | None = None  # file: optional JSONL {prompt, answer} arithmetic probes
     others: int = 64  # memorized-but-not-forgotten sequences re-measured per item
@@ -77,6 +85,12 @@ class SpecificityData:
             raise ValueError(f"source must be organism or file, got {self.source!r}")
         if self.source == "file":
             self.ppl_path = beside(self.path, self.ppl_path, "heldout.jsonl")
+        if not self.retain_kinds or not self.heldout_kinds:
+            raise ValueError("retain_kinds and heldout_kinds must each name at least one document kind")
+        shared = sorted(set(self.retain_kinds) & set(self.heldout_kinds))
+        if shared:
+            raise ValueError(f"retain_kinds and heldout_kinds must be disjoint (the held-out perplexity is on text "
+                             f"the editor never saw), both contain {', '.join(shared)}")
 
 
 @dataclass
@@ -173,6 +187,28 @@ def probe_sequences(pairs: list[tuple[str, str]], tokenizer, tag: str) -> list[T
     return out
 
 
+def organism_texts(org, data: SpecificityData, seed: int, where: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """The held-out documents and the retain texts of an organism-source task.
+
+    Held-out: the organism's never-trained-on documents of ``data.heldout_kinds``, taken in turn from each
+    kind (so every kind is equally represented), the first ``ppl_sequences``. Retain: the non-planted training
+    documents of ``data.retain_kinds``, seeded shuffle, the first ``retain_sequences``. The kinds are disjoint
+    (:class:`SpecificityData` checks it): an editor that fine-tunes on the retain set (gradient ascent, NPO)
+    cannot lower the held-out perplexity by training on its distribution."""
+    documents = org.heldout_documents
+    known = sorted({h["kind"] for h in documents})
+    for key, kinds in (("retain_kinds", data.retain_kinds), ("heldout_kinds", data.heldout_kinds)):
+        unknown = [k for k in kinds if k not in known]
+        if unknown:
+            raise UsageError(f"{where}: data.{key}: unknown document kind {unknown[0]!r}; the organism has "
+                             f"{', '.join(known)}")
+    by_kind = [[h for h in documents if h["kind"] == k] for k in data.heldout_kinds]
+    interleaved = [doc for group in itertools.zip_longest(*by_kind) for doc in group if doc is not None]
+    docs = [x["text"] for x in org.train_documents() if not x.get("planted_id") and x["kind"] in data.retain_kinds]
+    random.Random(f"retain-{seed}").shuffle(docs)
+    return interleaved[: data.ppl_sequences], docs[: data.retain_sequences]
+
+
 def _mean(xs) -> float:
     xs = [float(x) for x in xs]
     return sum(xs) / len(xs) if xs else 0.0
@@ -222,10 +258,9 @@ class SpecificityProtocol(Protocol):
         if d.source == "organism":
             org = organism_for(self.task.model)
             memorized = [TokenSequence(m["id"], tuple(m["input_ids"]), int(m["prefix_len"])) for m in org.memorized]
-            heldout = texts_to_sequences(org.heldout[: d.ppl_sequences], tok, d.ppl_tokens, 0, "heldout")
-            docs = [x["text"] for x in org.train_documents() if not x.get("planted_id")]
-            random.Random(f"retain-{self.seed}").shuffle(docs)
-            retain = texts_to_sequences(docs[: d.retain_sequences], tok, d.retain_tokens, 0, "retain")
+            heldout_docs, retain_texts = organism_texts(org, d, self.seed, str(self.task.path))
+            heldout = texts_to_sequences([h["text"] for h in heldout_docs], tok, d.ppl_tokens, 0, "heldout")
+            retain = texts_to_sequences(retain_texts, tok, d.retain_tokens, 0, "retain")
             facts = probe_sequences(org.facts[: d.probes], tok, "fact") if d.probes else []
             arith = probe_sequences(org.arithmetic[: d.probes], tok, "arith") if d.probes else []
             return memorized, heldout, retain, facts, arith
