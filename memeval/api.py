@@ -126,6 +126,11 @@ class Localizer(Method):
     """Scores every MLP neuron for its responsibility for each row's memorized suffix."""
 
     kind = "localizer"
+    # True: localize() also accepts a model whose rows carry different down-projection columns (INJ then scores
+    # a batch of injected items in one call; memeval.batched). Such a method reads weights only as
+    # ``model.down_proj(layer, row=b)`` and runs any forward of other rows than its batch's inside
+    # ``with model.rows(index):``. False (the default): INJ hands it one item at a time.
+    per_row_weights: ClassVar[bool] = False
 
     def localize(self, model: "NeuronModel", batch: Batch) -> torch.Tensor:
         """Return attribution scores ``[B, num_layers, num_neurons]``; higher = more responsible."""

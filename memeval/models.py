@@ -204,9 +204,16 @@ class NeuronModel:
                 return int(cand)
         return 0
 
-    def down_proj(self, layer: int) -> torch.Tensor:
-        """The down-projection weight of ``layer`` as ``[d_model, num_neurons]`` (column i = neuron i)."""
+    def down_proj(self, layer: int, row: int | None = None) -> torch.Tensor:
+        """The down-projection weight of ``layer`` as ``[d_model, num_neurons]`` (column i = neuron i), as batch
+        row ``row`` sees it: every row shares it here; a batched INJ model (memeval.batched) has one per row."""
         return weight_out_in(self.down_projs[layer])
+
+    @contextlib.contextmanager
+    def rows(self, index) -> Iterator[None]:
+        """Forwards inside compute, in their row j, batch row ``index[j]`` (a subset, repeats or reordering of
+        the batch given to the method; one index broadcasts). Nothing to do when all rows share the weights."""
+        yield
 
     def set_down_proj(self, layer: int, weight: torch.Tensor) -> None:
         """Overwrite the down-projection of ``layer`` with ``weight`` given as ``[d_model, num_neurons]``."""

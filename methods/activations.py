@@ -21,6 +21,7 @@ class Activations(Localizer):
     name = "activations"
     summary = "Mean absolute neuron activation over the suffix-predicting positions times the output-weight norm"
     paper = "Chang, Thomason & Jia 2024 (NAACL), §3 Eq. 8; Geva et al. 2022"
+    per_row_weights = True  # ‖v_i‖ from each row's own down-projection (model.down_proj(l, row=b))
 
     @dataclass
     class Config(Localizer.Config):
@@ -43,7 +44,8 @@ class Activations(Localizer):
                 a = ((h * w).sum(1) / w.sum(1)).abs()
             else:
                 a = (h.abs() * w).sum(1) / w.sum(1)
-            out.append(a * model.down_proj(l).float().norm(dim=0)[None])
+            norms = torch.stack([model.down_proj(l, row=b).float().norm(dim=0) for b in range(len(batch))])
+            out.append(a * norms)
         return torch.stack(out, dim=1)
 
 

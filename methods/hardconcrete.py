@@ -29,6 +29,7 @@ class HardConcrete(Localizer):
     name = "hardconcrete"
     summary = "Stochastic hard-concrete neuron gates with an expected-L0 penalty, trained to keep the suffix likely"
     paper = "Chang, Thomason & Jia 2024 (NAACL), §3; Louizos et al. 2018"
+    per_row_weights = True  # forwards its active rows inside model.rows(rows)
 
     @dataclass
     class Config(Localizer.Config):
@@ -62,7 +63,7 @@ class HardConcrete(Localizer):
             def apply(j: int):
                 return lambda h: h * gate[:, j].to(h.dtype)[:, None, :]
 
-            with model.intervene({l: apply(j) for j, l in enumerate(layers)}):
+            with model.rows(rows), model.intervene({l: apply(j) for j, l in enumerate(layers)}):
                 lm = suffix_nll(model, sub)
             reg = torch.sigmoid(scores - shift).mean(dim=(1, 2))
             return lm, reg

@@ -46,6 +46,7 @@ class IntegratedGradients(Localizer):
     name = "integrated_gradients"
     summary = "Integrated gradients of the true next-token probability w.r.t. each neuron (knowledge neurons)"
     paper = "Chang, Thomason & Jia 2024 (NAACL), §3; Dai et al. 2022"
+    per_row_weights = True  # each single-token forward row is its pair's batch row (model.rows(b_r))
 
     @dataclass
     class Config(Localizer.Config):
@@ -89,7 +90,7 @@ class IntegratedGradients(Localizer):
                 pos = torch.arange(pmax + 1, device=dev)
                 attn = ((pos[None] < p_r[:, None]) | (pos[None] == pmax)).long()
                 past = _make_cache([(k[b_r, :, :pmax], v[b_r, :, :pmax]) for k, v in kv]) if pmax > 0 else None
-                with torch.enable_grad(), model.intervene({l: patch}):
+                with torch.enable_grad(), model.rows(b_r), model.intervene({l: patch}):
                     logits = model.hf(input_ids=tokens[s:e].repeat_interleave(cfg.steps)[:, None],
                                       attention_mask=attn, position_ids=p_r[:, None], **{cache_kwarg(model.hf): past},
                                       use_cache=past is not None, **extra).logits[:, -1]

@@ -25,6 +25,7 @@ class Slimming(Localizer):
     name = "slimming"
     summary = "L1-sparsified neuron mask in [0, 1] trained to keep the memorized suffix likely (network slimming)"
     paper = "Chang, Thomason & Jia 2024 (NAACL), §3; Liu et al. 2017"
+    per_row_weights = True  # forwards its active rows inside model.rows(rows)
 
     @dataclass
     class Config(Localizer.Config):
@@ -46,7 +47,7 @@ class Slimming(Localizer):
             def scale(j: int):
                 return lambda h: h * masks[:, j].clamp(0.0, 1.0).to(h.dtype)[:, None, :]
 
-            with model.intervene({l: scale(j) for j, l in enumerate(layers)}):
+            with model.rows(rows), model.intervene({l: scale(j) for j, l in enumerate(layers)}):
                 lm = suffix_nll(model, sub)
             reg = masks.abs().mean(dim=(1, 2))
             return lm, reg

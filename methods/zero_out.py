@@ -109,6 +109,7 @@ class ZeroOut(Localizer):
     name = "zero_out"
     summary = "Increase of the suffix loss when one neuron is zeroed, for every neuron (occlusion)"
     paper = "Chang, Thomason & Jia 2024 (NAACL), §3"
+    per_row_weights = True  # one row at a time, inside model.rows([b]), reading its own down-projection
 
     @dataclass
     class Config(Localizer.Config):
@@ -127,7 +128,8 @@ class ZeroOut(Localizer):
         for b, n in enumerate(lengths):
             row = Batch(batch.input_ids[b : b + 1, :n], batch.attention_mask[b : b + 1, :n],
                         batch.loss_mask[b : b + 1, :n], [batch.item_ids[b]])
-            out[b] = self._row(model, row)
+            with model.rows([b]):
+                out[b] = self._row(model, row, b)
         return out
 
     def _chunk(self, model: NeuronModel, n: int, k: int) -> int:
@@ -135,7 +137,7 @@ class ZeroOut(Localizer):
         tokens = self.config.chunk_tokens or (2048 if model.device.type == "cpu" else 32768)
         return max(1, min(tokens // max(n, 1), self.config.max_logit_elems // max(k * vocab, 1)))
 
-    def _row(self, model: NeuronModel, row: Batch) -> torch.Tensor:
+    def _row(self, model: NeuronModel, row: Batch, b: int = 0) -> torch.Tensor:
         keep = predicting_positions(row.loss_mask)
         L, I, n, dev = model.num_layers, model.num_neurons, row.input_ids.shape[1], model.device
         trace = _Trace(model, row, keep)
@@ -157,7 +159,7 @@ class ZeroOut(Localizer):
         width = min(I, self.config.max_neurons) if self.config.max_neurons > 0 else I
         for l in todo:
             h = trace.acts[l][0]  # [n, I]
-            v = model.down_proj(l).T  # [I, d]
+            v = model.down_proj(l, row=b).T  # [I, d], batch row b's own
             rank1 = fast and self._rank1_ok(model, trace, l, h, v)
             for start in range(0, width, chunk):
                 idx = torch.arange(start, min(start + chunk, width), device=dev)

@@ -19,7 +19,9 @@ injection is visible only through what the columns do, not through their size (m
 models, whose columns unconstrained Adam grows several-fold; the paper's setup leaves it off).
 
 Injection is batched across sequences (a per-row weight delta on the chosen columns, rows independent,
-per-row early stopping) and cached as the changed columns only.
+per-row early stopping) and cached as the changed columns only. Scoring is batched too for localizers that
+declare ``per_row_weights``: the batch's injected items form one model whose row b carries item b's columns
+(memeval.batched); other localizers score one item at a time on a copy with the columns written in.
 """
 
 from __future__ import annotations
@@ -274,22 +276,51 @@ class InjectionProtocol(Protocol):
                 w[:, cols.to(w.device)] = originals[layer]
                 self.work.set_down_proj(layer, w)
 
-    def evaluate(self, method: Method, item_ids: list[str]) -> list[dict[str, float]]:
-        """One item at a time: each item has its own injected model, so rows cannot share a forward."""
+    @contextlib.contextmanager
+    def _injected_rows(self, items: list[str]):
+        """The work copy as one batched model, row b with ``items[b]``'s columns (its weights stay the base's)."""
+        from memeval.batched import row_weights
+
+        expected = self.work.fingerprint()
+        with row_weights(self.work, [self.injections[i]["layers"] for i in items]) as model:
+            yield model
+        if self.work.fingerprint() != expected:
+            self.work = self.model.clone()
+            raise RuntimeError("the method modified the model's weights (fingerprint changed)")
+
+    def _scores(self, method: Method, items: list[str]) -> list[torch.Tensor]:
+        """``[L, I]`` scores per item: one call for a method that takes per-row weights, else one per item."""
+        if len(items) > 1 and getattr(method, "per_row_weights", False):
+            with self._injected_rows(items) as model:
+                batch = Batch.from_sequences([self.sequences[i] for i in items], model.pad_id, model.device)
+                return list(self._checked(method.localize(model, batch), len(items)))
         out = []
-        L, I = self.model.num_layers, self.model.num_neurons
-        for item in item_ids:
-            if not self.injections[item]["success"]:  # nothing was stored there: no recall to score
-                out.append({name: None for name in self.metrics()} | {"injected": 0.0})
-                continue
+        for item in items:
             with self._injected(item) as model:
                 batch = Batch.from_sequences([self.sequences[item]], model.pad_id, model.device)
-                scores = method.localize(model, batch)
-            if tuple(scores.shape) != (1, L, I):
-                raise RuntimeError(f"localize returned shape {tuple(scores.shape)}, expected (1, {L}, {I})")
-            if not torch.isfinite(scores).all():
-                raise RuntimeError("localize returned non-finite scores")
-            scores, gold = scores[0].float().cpu(), self.gold_mask(item)
+                out.append(self._checked(method.localize(model, batch), 1)[0])
+        return out
+
+    def _checked(self, scores: torch.Tensor, n: int) -> torch.Tensor:
+        L, I = self.model.num_layers, self.model.num_neurons
+        if tuple(scores.shape) != (n, L, I):
+            raise RuntimeError(f"localize returned shape {tuple(scores.shape)}, expected ({n}, {L}, {I})")
+        if not torch.isfinite(scores).all():
+            raise RuntimeError("localize returned non-finite scores")
+        return scores.float().cpu()
+
+    def evaluate(self, method: Method, item_ids: list[str]) -> list[dict[str, float]]:
+        """The injected items of the batch scored together when the method takes per-row weights (each row its
+        own injected model, memeval.batched; equal to one item at a time up to float rounding), else one by one."""
+        L, I = self.model.num_layers, self.model.num_neurons
+        done = [i for i in item_ids if self.injections[i]["success"]]
+        scored = dict(zip(done, self._scores(method, done)))
+        out = []
+        for item in item_ids:
+            if item not in scored:  # nothing was stored there: no recall to score
+                out.append({name: None for name in self.metrics()} | {"injected": 0.0})
+                continue
+            scores, gold = scored[item], self.gold_mask(item)
             r = self.params.ratio
             metrics = {"ap": average_precision(scores, gold), "auc": roc_auc(scores, gold),
                        "ceiling@1x": per_layer_ceiling(gold, per_layer_k(I, r)),
