@@ -14,7 +14,9 @@ neither is an error, never a silent mix-up. ``model.down_proj(layer, row=b)`` re
 A method declares that it follows these rules with ``per_row_weights = True`` (:class:`memeval.api.Localizer`);
 INJ hands any other method one item at a time.
 
-Equal to running each row's own model up to float rounding: ``W h + Δ h[cols]`` instead of ``W' h``.
+Equal to running each row's own model up to float rounding (``W h + Δ h[cols]`` instead of ``W' h``); inside
+``model.rows([b])`` (one row) row b's columns are written into the weights for the block instead, so a method
+that scores rows one at a time (Zero-Out) computes exactly the floats of batch 1.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class RowWeights(NeuronModel):
         self.num_rows = len(rows)
         self._columns = rows
         self._map: torch.Tensor | None = None
+        self._written: int | None = None  # the row whose columns are in the shared weights (model.rows([b]))
         self._handles: list = []
         dev, dt = base.device, base.dtype
         self._deltas: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (idx [B, w], delta [B, d, w])
@@ -59,12 +62,39 @@ class RowWeights(NeuronModel):
     # -- which batch row each forward row is ------------------------------------------------------
     @contextlib.contextmanager
     def rows(self, index) -> Iterator[None]:
+        """One row without autograd: its columns are written into the shared weights for the block (and restored
+        after), so its forwards compute exactly as its own model's (Zero-Out's ablation variants of a row give the
+        floats of batch 1); otherwise the per-row deltas (a backward after the block must see the same weights)."""
+        if self._written is not None:
+            raise RuntimeError("model.rows() inside model.rows() of a single row")
         previous = self._map
         self._map = torch.as_tensor(index, dtype=torch.long, device=self.device).reshape(-1)
+        write = self._map.numel() == 1 and not torch.is_grad_enabled()
+        saved = self._write(int(self._map)) if write else None
         try:
             yield
         finally:
+            if saved is not None:
+                self._restore(saved)
             self._map = previous
+
+    @torch.no_grad()
+    def _write(self, row: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        saved = {}
+        for layer, (cols, new) in self._columns[row].items():
+            if len(cols):
+                w = super().down_proj(layer)  # a view of the parameter: only the columns are copied
+                cols = cols.to(w.device)
+                saved[layer] = (cols, w[:, cols].clone())
+                w[:, cols] = new.to(w.device, w.dtype)
+        self._written = row
+        return saved
+
+    @torch.no_grad()
+    def _restore(self, saved: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for layer, (cols, old) in saved.items():
+            super().down_proj(layer)[:, cols] = old
+        self._written = None
 
     def _forward_rows(self, n: int) -> torch.Tensor:
         if self._map is None:
@@ -86,9 +116,11 @@ class RowWeights(NeuronModel):
             else:
                 raise RuntimeError("the rows of this model have different down-projections: "
                                    "read them as model.down_proj(layer, row=b)")
+        if self._written is not None and row != self._written:
+            raise RuntimeError(f"row {self._written}'s weights are in place inside model.rows([{self._written}])")
         w = super().down_proj(layer)
         entry = self._columns[row].get(layer)
-        if entry is None or not len(entry[0]):
+        if entry is None or not len(entry[0]) or self._written == row:
             return w
         w = w.detach().clone()
         w[:, entry[0].to(w.device)] = entry[1].to(w.device, w.dtype)
@@ -105,6 +137,8 @@ class RowWeights(NeuronModel):
         idx, delta = self._deltas[layer]
 
         def hook(_module, args, output):
+            if self._written is not None:  # the weights are that row's own already
+                return output
             h = args[0]
             shape = output.shape
             if h.dim() == 2:  # flattened tokens (OPT)

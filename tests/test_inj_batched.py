@@ -187,3 +187,23 @@ def test_inj_metrics_do_not_depend_on_the_batch(models, method):
     if method == "column_norm":  # a weight reader finds the rescaled columns only if it sees each row's own
         assert all(m["auc"] > 0.9 for m in together if m["injected"])
     assert proto.work.fingerprint() == model.fingerprint()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_zero_out_on_the_batched_model_gives_the_floats_of_batch_1(models, arch):
+    """Zero-Out scores a row inside model.rows([b]): that row's columns are written in place for the block, so its
+    scores are bit for bit those of its own model, and the shared weights are restored bit for bit after."""
+    model = models[arch]
+    seqs = _sequences()
+    inj = _injections(model, len(seqs))
+    before = [model.down_proj(l).detach().clone() for l in range(model.num_layers)]
+    zero_out = CLASSES["zero_out"]()
+    with row_weights(model, inj) as rows:
+        batched = zero_out.localize(rows, Batch.from_sequences(seqs, 0, model.device))
+        with torch.no_grad(), rows.rows([1]):
+            with pytest.raises(RuntimeError, match="in place"):
+                rows.down_proj(0, row=2)
+    assert all(torch.equal(model.down_proj(l), w) for l, w in enumerate(before))
+    for b, s in enumerate(seqs):
+        alone = zero_out.localize(_alone(model, inj[b]), Batch.from_sequences([s], 0, model.device))[0]
+        assert torch.equal(batched[b], alone), f"row {b}: {(batched[b] - alone).abs().max():.3g}"
