@@ -86,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     lb_build = lb_sub.add_parser("build")
     lb_build.add_argument("results", nargs="+", type=Path)
     lb_build.add_argument("--out", type=Path, default=Path("site"))
-    lb_stab = lb_sub.add_parser("stability", help="ranking stability across result directories of organism seeds")
-    lb_stab.add_argument("results", nargs="+", type=Path, help="one result directory per organism seed, seed order")
+    lb_stab = lb_sub.add_parser("stability", help="ranking stability across organism seeds")
+    lb_stab.add_argument("results", nargs="+", type=Path,
+                         help="result sets (or directories holding them) scored on organisms of different seeds")
     lb_stab.add_argument("--out", type=Path, default=Path("stability.json"))
 
     org = sub.add_parser("organism", help="build or inspect a model organism")

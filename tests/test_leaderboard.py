@@ -372,11 +372,44 @@ def test_ranking_stability_by_hand(tmp_path):
     r = stability([s0, s1], ["organism:tiny", "organism:tiny@1"])["t"]
     assert r["rankings"] == [["a", "b", "c"], ["a", "c", "b"]]
     assert r["kendall_tau_mean"] == pytest.approx(1 / 3) and (r["adjacent_held"], r["adjacent_total"]) == (1, 2)
-    for i, s in enumerate((s0, s1)):
-        (tmp_path / f"s{i}").mkdir()
-        (tmp_path / f"s{i}" / "summary.json").write_text(json.dumps(s))
-    assert stability_command([tmp_path / "s0", tmp_path / "s1"], tmp_path / "stability.json") == 0
-    assert json.loads((tmp_path / "stability.json").read_text())["t"]["seeds"] == ["organism:tiny", "organism:tiny@1"]
+
+
+def test_ranking_stability_groups_result_sets_by_model(tmp_path, sets):
+    """Sets are grouped by the model a task ran on; within a model the newer result wins; errored results and
+    older task versions are left out; a task on one model only is not reported."""
+    from memeval.leaderboard.stability import stability_command
+
+    tasks1 = copy.deepcopy(mf.TASKS)
+    for t in tasks1.values():
+        t["model"] = "organism:tiny@1"
+    tasks1["spec_organism"]["version"] = 0  # an older version of the task: left out
+    seed1 = [  # inj: activations overtakes hard_concrete; del: hard_concrete is ranked here, errored on seed 0
+        mf.result("slimming", "inj_organism", mf.inj_means(0.60), 12, seed=1),
+        mf.result("hard_concrete", "inj_organism", mf.inj_means(0.20), 12, seed=1),
+        mf.result("activations", "inj_organism", mf.inj_means(0.35), 12, seed=1),
+        mf.result("random", "inj_organism", mf.inj_means(0.02), 12, seed=1),
+        mf.result("slimming", "del_organism", mf.del_means(0.50), 10, seed=1),
+        mf.result("activations", "del_organism", mf.del_means(0.20), 10, seed=1),
+        mf.result("random", "del_organism", mf.del_means(0.01), 10, seed=1),
+        mf.result("hard_concrete", "del_organism", mf.del_means(0.90), 10, seed=1),
+        mf.result("kfac_curvature", "spec_organism", mf.spec_means(0.1), 6, seed=1),
+        mf.result("balanced_subnet", "spec_organism", mf.spec_means(0.3), 6, seed=1),
+    ]
+    mf.write_set(tmp_path / "seeds" / "seed1", mf.meta("2026-11-24T00:00:00+00:00", "b" * 40), seed1, tasks=tasks1)
+    out = tmp_path / "stability.json"
+    assert stability_command([tmp_path / "seeds", sets], out) == 0
+    st = json.loads(out.read_text())
+    assert sorted(st) == ["del_organism", "inj_organism"]  # spec_organism: the newest version on one model only
+    inj = st["inj_organism"]
+    assert inj["seeds"] == ["organism:tiny", "organism:tiny@1"]  # seed order, whatever the order of the arguments
+    assert inj["rankings"] == [["slimming", "hard_concrete", "activations", "random"],
+                               ["slimming", "activations", "hard_concrete", "random"]]
+    assert inj["kendall_tau_mean"] == pytest.approx(4 / 6) and (inj["adjacent_held"], inj["adjacent_total"]) == (2, 3)
+    # del_organism on seed 0: slimming from set_b (newer than set_a's), hard_concrete errored there: left out
+    assert st["del_organism"]["rankings"][0] == ["slimming", "activations", "random"]
+    assert st["del_organism"]["sources"] == [["set_a", "set_b"], ["seed1"]]
+    with pytest.raises(UsageError, match=r"\(models found: organism:tiny\)$"):
+        stability_command([sets], tmp_path / "none.json")
 
 
 def test_task_page_shows_ranking_stability_and_says_when_it_flips(tmp_path, sets):
