@@ -356,7 +356,7 @@ def test_prediction_page_plots_predicted_against_true_m(tmp_path):
 
 
 def test_ranking_stability_by_hand(tmp_path):
-    from memeval.leaderboard.stability import kendall_tau, stability, stability_command
+    from memeval.leaderboard.stability import kendall_tau, stability
 
     assert kendall_tau(["a", "b", "c"], ["a", "b", "c"]) == 1.0
     assert kendall_tau(["a", "b", "c"], ["c", "b", "a"]) == -1.0
