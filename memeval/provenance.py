@@ -60,6 +60,9 @@ def run_metadata(opts: Any, device: torch.device, dtype: torch.dtype) -> dict[st
         "limited": opts.limit is not None or opts.split != "test",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "hardware": hardware(device),
+        # CPU kernels split reductions by thread count: the last float bits (and so a tie in a ranking) may
+        # depend on it, so it is part of what produced the numbers
+        "threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
