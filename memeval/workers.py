@@ -141,6 +141,13 @@ def _score(job: Job) -> list[dict[str, Any]]:
     return _WORKER.score(job)
 
 
+def _prepare_then_wait(task_name: str, barrier) -> int:
+    """Prepare a task, then hold this process until every worker has (so each takes exactly one call)."""
+    _WORKER.describe(task_name)
+    barrier.wait()
+    return os.getpid()
+
+
 class LocalPool:
     """Worker processes on this machine; a pool broken by a dead worker is replaced and its jobs rerun."""
 
@@ -166,6 +173,14 @@ class LocalPool:
             except BrokenProcessPool:
                 self._restart()
         raise UsageError(f"task '{task_name}': its worker process died {ATTEMPTS} times while preparing it")
+
+    def prepare_everywhere(self, task_name: str) -> None:
+        """Prepare a task in every worker process now rather than on its first job (benchmarks time jobs only)."""
+        with self.ctx.Manager() as manager:
+            barrier = manager.Barrier(len(self.plan))
+            pids = [f.result() for f in [self.executor.submit(_prepare_then_wait, task_name, barrier)
+                                         for _ in self.plan]]
+        assert len(set(pids)) == len(self.plan), pids
 
     def _restart(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -288,6 +303,10 @@ class RayPool:
 
     def describe(self, task_name: str) -> dict[str, Any]:
         return self._get(self.actors[0].describe.remote(task_name))
+
+    def prepare_everywhere(self, task_name: str) -> None:
+        """Prepare a task in every actor now rather than on its first job (benchmarks time jobs only)."""
+        self.ray.get([a.describe.remote(task_name) for a in self.actors])
 
     def _get(self, ref):
         try:
