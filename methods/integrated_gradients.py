@@ -79,30 +79,32 @@ class IntegratedGradients(Localizer):
 
         scores = torch.zeros(B, L, I, device=dev)
         counts = torch.zeros(B, device=dev).index_add_(0, pb, torch.ones(npairs, device=dev))
-        for l in range(L):
-            grad_sum = torch.zeros(npairs, I, device=dev)
-            for s, e in chunks:
-                b_r = pb[s:e].repeat_interleave(cfg.steps)
-                p_r = pp[s:e].repeat_interleave(cfg.steps)
-                a_r = alphas.repeat(e - s)
-                pmax = int(pp[e - 1])
+        grad_sum = torch.zeros(L, npairs, I, device=dev)
+        for s, e in chunks:  # chunks outside layers: a chunk's gathered key/value cache serves every layer
+            b_r = pb[s:e].repeat_interleave(cfg.steps)
+            p_r = pp[s:e].repeat_interleave(cfg.steps)
+            a_r = alphas.repeat(e - s)
+            pmax = int(pp[e - 1])
+            pos = torch.arange(pmax + 1, device=dev)
+            attn = ((pos[None] < p_r[:, None]) | (pos[None] == pmax)).long()
+            past_kv = [(k[b_r, :, :pmax], v[b_r, :, :pmax]) for k, v in kv] if pmax > 0 else None
+            for l in range(L):
                 x = (a_r[:, None] * acts[l][b_r, p_r].float()).requires_grad_(True)
 
                 def patch(h: torch.Tensor, x=x) -> torch.Tensor:
                     return x[:, None, :].to(h.dtype)
 
-                pos = torch.arange(pmax + 1, device=dev)
-                attn = ((pos[None] < p_r[:, None]) | (pos[None] == pmax)).long()
-                past = _make_cache([(k[b_r, :, :pmax], v[b_r, :, :pmax]) for k, v in kv]) if pmax > 0 else None
+                past = _make_cache(past_kv) if past_kv else None  # a fresh cache: the forward extends it
                 with torch.enable_grad(), model.rows(b_r), model.intervene({l: patch}):
                     logits = model.hf(input_ids=tokens[s:e].repeat_interleave(cfg.steps)[:, None],
                                       attention_mask=attn, position_ids=p_r[:, None], **{cache_kwarg(model.hf): past},
                                       use_cache=past is not None, **extra).logits[:, -1]
                     prob = F.softmax(logits.float(), dim=-1).gather(1, targets[s:e].repeat_interleave(cfg.steps)[:, None])
                     (g,) = torch.autograd.grad(prob.sum(), x)
-                grad_sum[s:e] = g.view(e - s, cfg.steps, I).sum(1)
-            with torch.no_grad():
-                ig = acts[l][pb, pp].float() * grad_sum / cfg.steps  # [pairs, I]
+                grad_sum[l, s:e] = g.view(e - s, cfg.steps, I).sum(1)
+        with torch.no_grad():
+            for l in range(L):
+                ig = acts[l][pb, pp].float() * grad_sum[l] / cfg.steps  # [pairs, I]
                 scores[:, l] = torch.zeros(B, I, device=dev).index_add_(0, pb, ig) / counts[:, None]
         return scores
 
