@@ -32,3 +32,21 @@ def test_example_plugin_commands_run_in_ci():
     assert commands
     for command in commands:
         assert command.replace("pip install", "python -m pip install -q") in ci or command in ci, command
+
+
+def test_readme_stability_command_reproduces_the_published_stability_json(tmp_path, monkeypatch):
+    """README's `memeval leaderboard stability ...`, run as written on the committed result sets, writes the
+    committed leaderboard/results/stability.json (what the site shows is what the published sets give)."""
+    import json
+    import shlex
+
+    from memeval.cli import main
+
+    (command,) = [line.strip() for b in blocks("README.md") for line in b.splitlines()
+                  if line.strip().startswith("memeval leaderboard stability")]
+    argv = shlex.split(command)[1:]
+    published = ROOT / argv[argv.index("--out") + 1]
+    argv[argv.index("--out") + 1] = str(tmp_path / "stability.json")
+    monkeypatch.chdir(ROOT)
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "stability.json").read_text()) == json.loads(published.read_text())
