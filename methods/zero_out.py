@@ -109,7 +109,11 @@ class ZeroOut(Localizer):
     name = "zero_out"
     summary = "Increase of the suffix loss when one neuron is zeroed, for every neuron (occlusion)"
     paper = "Chang, Thomason & Jia 2024 (NAACL), §3"
-    per_row_weights = True  # one row at a time, inside model.rows([b]), reading its own down-projection
+    # Follows the per-row rules (one row at a time inside model.rows([b]), its own down-projection; tested on a
+    # batched INJ model) but INJ scores it one item at a time: each row's ablation variants are its own forwards
+    # anyway, and the per-row deltas cost them 17 % (organism, 8 items: 0.93 s/item batched, 0.79 s/item one at
+    # a time with the item's columns written in; benchmarks/inj_localizers.py). Same floats either way.
+    per_row_weights = False
 
     @dataclass
     class Config(Localizer.Config):
