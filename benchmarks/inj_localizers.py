@@ -207,6 +207,8 @@ def bench(model, seqs, injections, methods, classes, configs, args, label: str) 
             for s, inj in zip(items, injs):
                 reference(name, written(work, inj, model), torch.tensor([s.input_ids], device=dev), cfg, args)
 
+        if not cls.per_row_weights:  # INJ hands this method one item at a time: its path is the b1 column
+            note = "; ".join(x for x in ("INJ scores it one item at a time (b1)", note) if x)
         n = len(items)
         t_b, f_b, r_b = accounted(batched)
         t_1, f_1, r_1 = accounted(batch1) if not args.no_b1 else (math.nan, math.nan, math.nan)
