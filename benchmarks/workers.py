@@ -6,7 +6,7 @@
 For each configuration the pool is created and every worker prepares the task (organism cached, DEL's
 measurements before ablation) before the clock starts; then the items are scored in batches of one (so that
 two workers can share them out) and timed from the first job to the last record, the fastest of --repeats
-passes (timings on a shared VM vary by ±10 % from pass to pass). Per-item metrics are compared
+passes (on this 2-core VM two passes differed by up to 14 %). Per-item metrics are compared
 with the single-worker run. Scheduling overhead: the round trip of a call that does nothing, per backend.
 """
 

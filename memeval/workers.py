@@ -180,7 +180,8 @@ class LocalPool:
             barrier = manager.Barrier(len(self.plan))
             pids = [f.result() for f in [self.executor.submit(_prepare_then_wait, task_name, barrier)
                                          for _ in self.plan]]
-        assert len(set(pids)) == len(self.plan), pids
+        if len(set(pids)) != len(self.plan):
+            raise RuntimeError(f"prepare_everywhere reached processes {sorted(set(pids))}, not {len(self.plan)}")
 
     def _restart(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
