@@ -101,15 +101,22 @@ def replay_seconds(ops) -> float:
     return best
 
 
-def accounted(fn):
-    """(seconds, FLOPs, replay seconds) of ``fn()``: timed alone, then run again under the recorder."""
-    t0 = time.perf_counter()
-    fn()
-    seconds = time.perf_counter() - t0
-    rec = Recorder()
-    with rec:
-        fn()
-    return seconds, rec.flops, replay_seconds(rec.ops)
+def accounted(fns: list, repeats: int) -> list[tuple[float, float, float]]:
+    """(seconds, FLOPs, replay seconds) of each ``fn()``: the fastest of ``repeats`` rounds that run every fn once
+    in turn (interleaved, so a slow spell of the machine hits all of them), then one run under the recorder."""
+    seconds = [math.inf] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            seconds[i] = min(seconds[i], time.perf_counter() - t0)
+    out = []
+    for fn, t in zip(fns, seconds):
+        rec = Recorder()
+        with rec:
+            fn()
+        out.append((t, rec.flops, replay_seconds(rec.ops)))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,9 +217,9 @@ def bench(model, seqs, injections, methods, classes, configs, args, label: str) 
         if not cls.per_row_weights:  # INJ hands this method one item at a time: its path is the b1 column
             note = "; ".join(x for x in ("INJ scores it one item at a time (b1)", note) if x)
         n = len(items)
-        t_b, f_b, r_b = accounted(batched)
-        t_1, f_1, r_1 = accounted(batch1) if not args.no_b1 else (math.nan, math.nan, math.nan)
-        t_r, f_r, r_r = accounted(ref)
+        runs = accounted([batched, ref] + ([] if args.no_b1 else [batch1]), args.repeats)
+        (t_b, f_b, r_b), (t_r, f_r, r_r) = runs[:2]
+        t_1, f_1, r_1 = runs[2] if not args.no_b1 else (math.nan, math.nan, math.nan)
         s_b, s_1, s_r = t_b / n * scale_ours, t_1 / n * scale_ours, t_r / n * scale_ref
         gf = [f / t / 1e9 if t else math.nan for f, t in ((f_b, t_b), (f_r, t_r), (f_b, r_b))]
         print(f"  {name:14s} {n:5d} {s_r:11.3f} {s_1:10.3f} {s_b:15.3f} {s_r / s_b:6.2f} {s_1 / s_b:5.2f} "
@@ -252,6 +259,7 @@ def main(argv=None) -> None:
     ap.add_argument("--gpt2-ig-tokens", type=int, default=16, help="IG sequence length on GPT-2")
     ap.add_argument("--gpt2-ig-ref-layers", type=int, default=1, help="layers the IG reference runs")
     ap.add_argument("--no-b1", action="store_true", help="skip memeval's batch-1 scoring")
+    ap.add_argument("--repeats", type=int, default=2, help="timed rounds (interleaved); the fastest counts")
     ap.add_argument("--build", action="store_true", help="build the organism if it is not cached yet")
     args = ap.parse_args(argv)
 

@@ -12,14 +12,26 @@ clean key/value cache of positions < p. Every (sequence, position, α) is one ro
 forward with the clean KV cache (from one forward of the batch), an attention mask hiding the cache entries at
 positions ≥ p, and explicit position ids; gradients flow only from layer l up, and the LM head runs for one
 token per row. The reference instead re-encodes the whole prefix (and its logits) for every position and α.
+
+Blocks below l see the clean input, so they return their output at p recorded in the clean forward instead of
+running (checked at run time: the α = 1 rows, clean at every layer, must give the same logits with and without
+the shortcut; otherwise every block runs). The single new token's key and value are written into a preallocated
+slot of the gathered cache instead of being concatenated to it. Organism, 8 items (best of 5, interleaved):
+0.277 s/item → 0.233 with the slot → 0.205 with the shortcut.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+from transformers import DynamicCache
+
+try:
+    from transformers.cache_utils import DynamicLayer
+except ImportError:  # transformers < 4.56
+    DynamicLayer = None
 
 from memeval import hookimpl
 from memeval.api import Batch, Localizer
@@ -36,10 +48,103 @@ def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(k, v) for k, v, *_ in cache]
 
 
-def _make_cache(kv: list[tuple[torch.Tensor, torch.Tensor]]):
-    from transformers import DynamicCache
+if DynamicLayer is not None:
 
-    return DynamicCache(ddp_cache_data=kv)
+    class _SlotLayer(DynamicLayer):
+        """One layer's cache over buffers ``[rows, heads, P + 1, head_dim]``: the first P positions are the past, and
+        the forward's single new token is written into the last slot instead of being concatenated to the past."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+            super().__init__()
+            self.slots = keys, values
+            self.keys, self.values = keys[:, :, :-1], values[:, :, :-1]  # the past: sets the cache's length
+            self.device, self.dtype, self.is_initialized = keys.device, keys.dtype, True
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            keys, values = self.slots
+            return _WriteLastSlot.apply(keys, key_states), _WriteLastSlot.apply(values, value_states)
+
+
+class _WriteLastSlot(torch.autograd.Function):
+    """``buffer[:, :, -1:] = new`` in place, with the gradient of ``new`` only (the buffer's past is constant).
+
+    Autograd's own in-place slice assignment would copy the whole buffer's gradient and zero the slot in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, buffer: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        buffer[:, :, -1:] = new
+        ctx.mark_dirty(buffer)
+        return buffer
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, grad[:, :, -1:]
+
+
+def _slot_cache(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A KV cache for one single-token forward over per-layer buffers whose last slot takes the new token.
+
+    transformers' own cache copies the whole past twice per layer and forward (once when it is built, once when the
+    token is appended): 22 % of IG's time on the organism. Each forward overwrites the buffers' last slot, so each
+    gets a cache over detached views of them (the previous forward's graph is consumed by then). Falls back to a
+    copying cache when transformers has no per-layer cache objects (before 4.56).
+    """
+    cache = DynamicCache()
+    if DynamicLayer is None or not hasattr(cache, "layers"):
+        return DynamicCache(ddp_cache_data=[(k[:, :, :-1], v[:, :, :-1]) for k, v in kv])
+    cache.layers = [_SlotLayer(k.detach(), v.detach()) for k, v in kv]
+    return cache
+
+
+def _probability_gradient(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """∂ softmax(z)_y / ∂z = p ⊙ (onehot(y) − p_y) per row, ``[N, V]``, in the order of autograd's softmax backward
+    (same floats), without its zero-filled gather and select gradients."""
+    p = torch.softmax(logits, dim=-1)
+    p_y = p.gather(1, targets[:, None])
+    return p.mul(-p_y).scatter_(1, targets[:, None], p_y * (1 - p_y))
+
+
+def _agree(logits: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Same logits up to float rounding (max |diff| ≤ 1e-3 × max(|expected|, 1))."""
+    return logits.shape == expected.shape and bool(
+        ((logits - expected).abs().max() <= 1e-3 * expected.abs().max().clamp_min(1.0)).item())
+
+
+@contextmanager
+def _block_outputs(blocks):
+    """{block index: output} of the next forward, for the blocks that return their hidden state as a tensor."""
+    outs: dict[int, torch.Tensor] = {}
+
+    def keep(j):
+        def hook(_module, _args, out):
+            if isinstance(out, torch.Tensor):
+                outs[j] = out
+
+        return hook
+
+    handles = [b.register_forward_hook(keep(j)) for j, b in enumerate(blocks)]
+    try:
+        yield outs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def _outputs_given(blocks, given: dict[int, torch.Tensor]):
+    """Blocks ``j in given`` return ``given[j]`` without computing anything while the context is open."""
+    saved = {j: blocks[j].__dict__.get("forward") for j in given}
+    for j, h in given.items():
+        blocks[j].forward = lambda *args, h=h, **kwargs: h
+    try:
+        yield
+    finally:
+        for j, f in saved.items():
+            if f is None:
+                del blocks[j].forward
+            else:
+                blocks[j].forward = f
 
 
 class IntegratedGradients(Localizer):
@@ -62,7 +167,7 @@ class IntegratedGradients(Localizer):
         batch = trim(batch)
         B, L, I, dev = len(batch), model.num_layers, model.num_neurons, model.device
         extra = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
-        with torch.no_grad(), model.capture() as acts:
+        with torch.no_grad(), model.capture() as acts, _block_outputs(model.blocks) as outs:
             clean = model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=True, **extra)
         kv = _cache_tensors(returned_cache(clean))
         acts = dict(acts)
@@ -76,6 +181,10 @@ class IntegratedGradients(Localizer):
         alphas = torch.linspace(0, 1, cfg.steps, device=dev)
         npairs = pb.numel()
         chunks = self._chunks(pp.tolist(), cfg.steps, cfg.chunk_tokens)
+        # Blocks below the patched layer see the clean input: they return their recorded clean output instead of
+        # running, if every block returns its hidden state as a tensor and the α = 1 rows (the clean input at every
+        # layer) confirm it at run time.
+        skip = len(outs) == L and bool((alphas == 1).any())
 
         scores = torch.zeros(B, L, I, device=dev)
         counts = torch.zeros(B, device=dev).index_add_(0, pb, torch.ones(npairs, device=dev))
@@ -84,23 +193,35 @@ class IntegratedGradients(Localizer):
             b_r = pb[s:e].repeat_interleave(cfg.steps)
             p_r = pp[s:e].repeat_interleave(cfg.steps)
             a_r = alphas.repeat(e - s)
+            y_r = targets[s:e].repeat_interleave(cfg.steps)
             pmax = int(pp[e - 1])
             pos = torch.arange(pmax + 1, device=dev)
             attn = ((pos[None] < p_r[:, None]) | (pos[None] == pmax)).long()
-            past_kv = [(k[b_r, :, :pmax], v[b_r, :, :pmax]) for k, v in kv] if pmax > 0 else None
-            for l in range(L):
-                x = (a_r[:, None] * acts[l][b_r, p_r].float()).requires_grad_(True)
+            slots = [(k[b_r, :, : pmax + 1], v[b_r, :, : pmax + 1]) for k, v in kv]  # slot pmax: the new token
+            below = [outs[j][b_r, p_r][:, None] for j in range(L - 1)] if skip else []
+            ends = a_r == 1
 
-                def patch(h: torch.Tensor, x=x) -> torch.Tensor:
+            def forward(l: int, x: torch.Tensor, given: dict[int, torch.Tensor]) -> torch.Tensor:
+                """Logits ``[rows, V]`` of the single-token rows with layer l's neurons set to ``x``."""
+                def patch(h: torch.Tensor) -> torch.Tensor:
                     return x[:, None, :].to(h.dtype)
 
-                past = _make_cache(past_kv) if past_kv else None  # a fresh cache: the forward extends it
-                with torch.enable_grad(), model.rows(b_r), model.intervene({l: patch}):
-                    logits = model.hf(input_ids=tokens[s:e].repeat_interleave(cfg.steps)[:, None],
-                                      attention_mask=attn, position_ids=p_r[:, None], **{cache_kwarg(model.hf): past},
-                                      use_cache=past is not None, **extra).logits[:, -1]
-                    prob = F.softmax(logits.float(), dim=-1).gather(1, targets[s:e].repeat_interleave(cfg.steps)[:, None])
-                    (g,) = torch.autograd.grad(prob.sum(), x)
+                with model.rows(b_r), model.intervene({l: patch}), _outputs_given(model.blocks, given):
+                    out = model.hf(input_ids=tokens[s:e].repeat_interleave(cfg.steps)[:, None], attention_mask=attn,
+                                   position_ids=p_r[:, None], use_cache=True,
+                                   **{cache_kwarg(model.hf): _slot_cache(slots)}, **extra).logits
+                return out.view(len(b_r), -1)  # one token per row
+
+            for l in range(L):
+                x = (a_r[:, None] * acts[l][b_r, p_r].float()).requires_grad_(True)
+                with torch.enable_grad():
+                    logits = forward(l, x, {j: below[j] for j in range(l)} if skip else {})
+                    if l == 0:
+                        clean_logits = logits.detach()[ends]
+                    elif skip and not _agree(logits.detach()[ends], clean_logits):
+                        skip = False  # the blocks do not compose that way here: run every block from now on
+                        logits = forward(l, x, {})
+                    (g,) = torch.autograd.grad(logits, x, _probability_gradient(logits.detach().float(), y_r))
                 grad_sum[l, s:e] = g.view(e - s, cfg.steps, I).sum(1)
         with torch.no_grad():
             for l in range(L):

@@ -3,7 +3,9 @@ are found, and the model is never modified."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -152,7 +154,7 @@ def test_zero_out_fast_path_equals_naive_ablation(models, arch):
                 assert abs(float(delta[0] - fast[i, l, j])) <= 2e-6 + 1e-3 * abs(float(delta[0]))
 
 
-@pytest.mark.parametrize("arch", ("gpt2", "llama"))
+@pytest.mark.parametrize("arch", ARCHS)
 def test_ig_equals_reference_rerun_loop(models, arch):
     model = models[arch]
     seqs = _sequences()[:3]
@@ -160,6 +162,57 @@ def test_ig_equals_reference_rerun_loop(models, arch):
     for i, s in enumerate(seqs):
         ref = bench.reference_ig(model, torch.tensor([s.input_ids]), s.prefix_len, steps=6, n_batches=2)
         assert _close(ours[i], ref, rtol=1e-3, atol_frac=1e-4), (ours[i] - ref).abs().max()
+
+
+def test_ig_slot_cache_equals_transformers_copying_cache(models, monkeypatch):
+    """IG writes each single-token forward's key/value into a preallocated slot; transformers' own cache
+    (concatenation, the fallback before 4.56) must give the same floats."""
+    ig = importlib.import_module("memeval_methods.integrated_gradients")
+    model, seqs = models["gpt_neox"], _sequences()[:3]
+    kv = [(torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 8))]
+    assert isinstance(ig._slot_cache(kv).layers[0], ig._SlotLayer)  # the installed transformers takes the slot path
+    slots = CLASSES["ig"](CLASSES["ig"].Config(steps=4)).localize(model, _batch(model, seqs))
+    monkeypatch.setattr(ig, "DynamicLayer", None)
+    copying = CLASSES["ig"](CLASSES["ig"].Config(steps=4)).localize(model, _batch(model, seqs))
+    assert torch.equal(slots, copying)
+
+
+def test_ig_skips_blocks_below_the_patched_layer_and_falls_back_when_they_do_not_compose(models, monkeypatch):
+    """Blocks below layer l return their recorded clean output instead of running; if the recorded outputs do not
+    reproduce the clean logits (here: corrupted), IG runs every block and gives the floats of the plain path."""
+    ig = importlib.import_module("memeval_methods.integrated_gradients")
+    model, seqs = models["gpt_neox"], _sequences()[:3]
+    localize = CLASSES["ig"](CLASSES["ig"].Config(steps=4)).localize
+    runs = []
+    handle = model.down_projs[0].register_forward_pre_hook(lambda *_: runs.append(1))
+    try:
+        shortcut = localize(model, _batch(model, seqs))
+        with_shortcut, runs[:] = len(runs), []
+        recorded = ig._block_outputs
+
+        @contextmanager
+        def nothing_recorded(blocks):
+            yield {}
+
+        monkeypatch.setattr(ig, "_block_outputs", nothing_recorded)
+        plain = localize(model, _batch(model, seqs))
+        without, runs[:] = len(runs), []
+
+        @contextmanager
+        def corrupted(blocks):
+            with recorded(blocks) as outs:
+                yield outs
+            for j in outs:
+                outs[j] = outs[j] * 2
+
+        monkeypatch.setattr(ig, "_block_outputs", corrupted)
+        fallback = localize(model, _batch(model, seqs))
+    finally:
+        handle.remove()
+    chunks = (without - 1) // model.num_layers
+    assert with_shortcut == 1 + chunks and chunks >= 1  # block 0 ran in the clean forward and once per chunk
+    assert _close(shortcut, plain, rtol=1e-4, atol_frac=1e-5)
+    assert torch.equal(fallback, plain)
 
 
 def test_activations_paper_and_faithful(models):
