@@ -1,7 +1,8 @@
 """INJ scoring at batch > 1: seconds per injected item of the five localizers, memeval scoring B items as one
 batched model (memeval.batched) against the batch-1 reference loop (benchmarks/mempi_reference.py, MemPi's code
 paths, on each item's own injected model) and against memeval's own batch-1 scoring (INJ before batching), and
-the share of plain-matmul throughput each run reaches.
+the share of plain-matmul throughput each run reaches. ``INJ ×ref``: the reference's seconds over those of the path
+INJ takes (batched for a localizer with ``per_row_weights``, else b1); ``×ref``: over the batched path.
 
     python benchmarks/inj_localizers.py                    # organism:tiny and a GPT-2-shaped random model
     python benchmarks/inj_localizers.py --methods hardconcrete,slimming --gpt2-steps 5 --batch 8
@@ -101,15 +102,18 @@ def replay_seconds(ops) -> float:
     return best
 
 
-def accounted(fns: list, repeats: int) -> list[tuple[float, float, float]]:
+def accounted(fns: list, repeats: int, account: bool = True) -> list[tuple[float, float, float]]:
     """(seconds, FLOPs, replay seconds) of each ``fn()``: the fastest of ``repeats`` rounds that run every fn once
-    in turn (interleaved, so a slow spell of the machine hits all of them), then one run under the recorder."""
+    in turn (interleaved, so a slow spell of the machine hits all of them), then one run under the recorder
+    (``account=False``: no recorder run; FLOPs and replay seconds are nan)."""
     seconds = [math.inf] * len(fns)
     for _ in range(repeats):
         for i, fn in enumerate(fns):
             t0 = time.perf_counter()
             fn()
             seconds[i] = min(seconds[i], time.perf_counter() - t0)
+    if not account:
+        return [(t, math.nan, math.nan) for t in seconds]
     out = []
     for fn, t in zip(fns, seconds):
         rec = Recorder()
@@ -172,21 +176,27 @@ def reference(name, model, ids, cfg, args):
     return reference_hardconcrete(model, ids, 1, cfg)
 
 
+def spread(num_layers: int, k: int) -> list[int]:
+    """``k`` layers spread evenly from the first to the last (a partial run's cost per layer depends on the layer:
+    the reference's IG backward runs from the head down to the patched layer)."""
+    k = min(k, num_layers)
+    return sorted({round(i * (num_layers - 1) / max(k - 1, 1)) for i in range(k)})
+
+
 def bench(model, seqs, injections, methods, classes, configs, args, label: str) -> None:
     from memeval.api import Batch
     from memeval.batched import row_weights
 
     L, I, dev = model.num_layers, model.num_neurons, model.device
     work = model.clone()
-    k = min(args._zero_layers or L, L)
-    args._layers = sorted({round(i * (L - 1) / max(k - 1, 1)) for i in range(k)})
+    args._layers = spread(L, args._zero_layers or L)
     partial = args._zero_neurons and args._zero_neurons < I
     args._zero_batches = math.ceil(I / args._zero_neurons) if partial else 10  # MemPi's n_batches: 10
     args._zero_chunks = 1 if partial else None
     width = len(torch.arange(I).chunk(args._zero_batches)[0]) if partial else I
     args._zero_ref_layers = args._layers if len(args._layers) < L else None
-    args._ig_layers = args._layers[: args._ig_ref_layers] if args._ig_ref_layers else None
-    print(f"\n## {label}\n# method         items  ref s/item  b1 s/item  batched s/item  ×ref   ×b1   F ref/F  "
+    args._ig_layers = spread(L, args._ig_ref_layers) if args._ig_ref_layers else None
+    print(f"\n## {label}\n# method         items  ref s/item  b1 s/item  batched s/item  INJ ×ref  ×ref   ×b1   F ref/F  "
           f"plain: batched  b1    ref   GFLOP/s: batched  ref  plain  note", flush=True)
     for name in methods:
         cls = classes[name]
@@ -217,12 +227,13 @@ def bench(model, seqs, injections, methods, classes, configs, args, label: str) 
         if not cls.per_row_weights:  # INJ hands this method one item at a time: its path is the b1 column
             note = "; ".join(x for x in ("INJ scores it one item at a time (b1)", note) if x)
         n = len(items)
-        runs = accounted([batched, ref] + ([] if args.no_b1 else [batch1]), args.repeats)
+        runs = accounted([batched, ref] + ([] if args.no_b1 else [batch1]), args.repeats, not args.no_account)
         (t_b, f_b, r_b), (t_r, f_r, r_r) = runs[:2]
         t_1, f_1, r_1 = runs[2] if not args.no_b1 else (math.nan, math.nan, math.nan)
         s_b, s_1, s_r = t_b / n * scale_ours, t_1 / n * scale_ours, t_r / n * scale_ref
         gf = [f / t / 1e9 if t else math.nan for f, t in ((f_b, t_b), (f_r, t_r), (f_b, r_b))]
-        print(f"  {name:14s} {n:5d} {s_r:11.3f} {s_1:10.3f} {s_b:15.3f} {s_r / s_b:6.2f} {s_1 / s_b:5.2f} "
+        s_inj = s_b if cls.per_row_weights else s_1  # the path INJ takes
+        print(f"  {name:14s} {n:5d} {s_r:11.3f} {s_1:10.3f} {s_b:15.3f} {s_r / s_inj:9.2f} {s_r / s_b:6.2f} {s_1 / s_b:5.2f} "
               f"{f_r * scale_ref / (f_b * scale_ours):8.2f}  {r_b / t_b:14.0%} {r_1 / t_1:5.0%} {r_r / t_r:5.0%} "
               f"{gf[0]:16.1f} {gf[1]:5.1f} {gf[2]:6.1f}  {note}", flush=True)
 
@@ -257,9 +268,11 @@ def main(argv=None) -> None:
     ap.add_argument("--gpt2-zero-layers", type=int, default=3, help="Zero-Out layers run (spread; both sides)")
     ap.add_argument("--gpt2-zero-neurons", type=int, default=64, help="Zero-Out neurons per layer (both sides)")
     ap.add_argument("--gpt2-ig-tokens", type=int, default=16, help="IG sequence length on GPT-2")
-    ap.add_argument("--gpt2-ig-ref-layers", type=int, default=1, help="layers the IG reference runs")
+    ap.add_argument("--gpt2-ig-ref-layers", type=int, default=3,
+                    help="layers the IG reference runs (spread from first to last; its cost falls with the layer)")
     ap.add_argument("--no-b1", action="store_true", help="skip memeval's batch-1 scoring")
     ap.add_argument("--repeats", type=int, default=2, help="timed rounds (interleaved); the fastest counts")
+    ap.add_argument("--no-account", action="store_true", help="time only (no FLOP count, no plain-matmul replay)")
     ap.add_argument("--build", action="store_true", help="build the organism if it is not cached yet")
     args = ap.parse_args(argv)
 
