@@ -153,8 +153,9 @@ class IntegratedGradients(Localizer):
     paper = "Chang, Thomason & Jia 2024 (NAACL), §3; Dai et al. 2022"
     # Follows the per-row rules (each single-token forward row is its pair's batch row, model.rows(b_r); tested on
     # a batched INJ model) but INJ scores it one item at a time: its forwards are already batched over
-    # (position, α) pairs, so a batch of injected items gains nothing (organism, 8 items: 0.58 s/item batched,
-    # 0.26 s/item one at a time; benchmarks/inj_localizers.py: the per-row deltas cost more than they save).
+    # (position, α) pairs, and on the organism the per-row deltas cost more than a batch of items saves (8 items:
+    # 0.35 s/item batched, 0.24 s/item one at a time; on the GPT-2-shaped model, 2 items of 16 tokens, batched
+    # is 1.15x faster: 13.5 vs 15.4 s/item; benchmarks/inj_localizers.py, 2026-12-04).
     per_row_weights = False
 
     @dataclass
