@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from memeval.extraction import ExtractConfig, extract, windows  # noqa: E402
-from memeval.models import load_model  # noqa: E402
+from memeval.loading import load_model  # noqa: E402
 from memeval.organisms import get_organism  # noqa: E402
 
 

@@ -33,8 +33,8 @@ def one(args) -> dict:
 
     torch.set_num_threads(args.threads)
     from memeval.api import SequenceSet, TokenSequence
-    from memeval.models import NeuronModel, load_model
-    from memeval.models import set_weight_out_in, weight_out_in
+    from memeval.loading import load_model
+    from memeval.models import NeuronModel, set_weight_out_in, weight_out_in
     from memeval_methods._editing import mlp_matrices
     from memeval_methods.kfac_curvature import collect_factors, eigh_desc, kfac_edit_weight
 

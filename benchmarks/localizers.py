@@ -136,7 +136,7 @@ def tiny_neox(seed: int = 0):
 def load_bench_model(spec: str, build: bool = False):
     """The ``--model`` spec, with memorized sequences when it is an organism; else the tiny GPT-NeoX fallback
     (also when the organism is not built yet and ``build`` is false, or for ``--model fallback``)."""
-    from memeval.models import load_model
+    from memeval.loading import load_model
 
     if spec == "fallback":
         return tiny_neox(), None

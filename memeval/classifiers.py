@@ -140,7 +140,7 @@ ORGANISM_QUESTION = "\nKind:"
 @functools.lru_cache(maxsize=2)
 def _base_lm(spec: str, dtype: str):
     """The base causal LM and tokenizer of ``spec`` on CPU (loaded once per process)."""
-    from memeval.models import load_model
+    from memeval.loading import load_model
 
     nm = load_model(spec, "cpu", getattr(torch, dtype))
     return nm.hf, nm.tokenizer

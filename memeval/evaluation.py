@@ -55,7 +55,8 @@ def _text(value: Any) -> str:
 
 def _model_spec(model: Any) -> str | None:
     """A spec string as given, or an in-memory model registered under ``memory:<fingerprint>``."""
-    from memeval.models import NeuronModel, register_in_memory
+    from memeval.loading import register_in_memory
+    from memeval.models import NeuronModel
 
     if model is None or isinstance(model, (str, Path)):
         return None if model is None else str(model)

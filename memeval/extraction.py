@@ -145,7 +145,7 @@ def write(result: dict[str, Any], out: Path) -> None:
 def extract_command(model_spec: str, texts_path: Path, out: Path, cfg: ExtractConfig, device: str = "auto",
                     dtype: str = "auto", model_args: str | None = None) -> int:
     """``memeval memorized extract``: load, extract, write, print the counts."""
-    from memeval.models import load_model, parse_model_args, resolve_device, resolve_dtype
+    from memeval.loading import load_model, parse_model_args, resolve_device, resolve_dtype
 
     cfg.check()
     if out.exists() and not out.is_dir():

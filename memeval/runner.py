@@ -30,7 +30,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from memeval.api import Method, build_config
 from memeval.errors import UsageError, closest
-from memeval.models import NeuronModel, parse_model_args, resolve_device, resolve_dtype
+from memeval.loading import parse_model_args, resolve_device, resolve_dtype
+from memeval.models import NeuronModel
 from memeval.plugins import Registry, get_registry, method_version
 from memeval.protocols import Protocol
 from memeval.provenance import run_metadata

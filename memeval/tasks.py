@@ -7,7 +7,7 @@ A task file holds one mapping::
     protocol: deletion                 # a registered protocol (required)
     model: organism:tiny               # organism:<preset> | hf:<repo>[@rev] | a local path | null (required;
                                        #   null: the model is given with --model)
-    model_args: {revision: main}       # keyword arguments for loading (see memeval.models.MODEL_ARGS)
+    model_args: {revision: main}       # keyword arguments for loading (see memeval.loading.MODEL_ARGS)
     tags: [del]                        # groups this task belongs to
     description: ...                   # one paragraph for listings and the leaderboard
     data: {...}                        # checked against the protocol's Data dataclass
@@ -238,7 +238,7 @@ def parse_task(path: Path, registry: Registry | None = None) -> Task:
         seed=_expect(doc["seed"], int, where, "seed") if "seed" in doc else 0,
     )
     if "model_args" in doc:
-        from memeval.models import parse_model_args
+        from memeval.loading import parse_model_args
 
         node = doc["model_args"]
         if not isinstance(node.value, dict):
@@ -384,7 +384,7 @@ def override_task(task: Task, overrides: dict[str, Any], source: str = "--task-c
 def override_model(task: Task, spec: str, model_args: dict[str, Any], registry: Registry | None = None) -> Task:
     """A copy of ``task`` scoring the model ``spec`` (``--model``) with ``model_args``; a task whose data
     belong to its own model refuses in one line (:meth:`memeval.protocols.Protocol.model_override_refusal`)."""
-    from memeval.models import resolve_spec
+    from memeval.loading import resolve_spec
 
     registry = registry or get_registry()
     if not spec.startswith(("memory:", "organism:")):

@@ -11,7 +11,7 @@ import torch
 
 from memeval.api import SequenceSet, TokenSequence
 from memeval.errors import UsageError
-from memeval.models import load_model
+from memeval.loading import load_model
 
 
 def random_set(rng: random.Random, n: int, length: int, vocab: int, avoid: int, first: int | None = None,

@@ -10,7 +10,7 @@ import torch
 
 from memeval.api import Batch, SequenceSet, TokenSequence
 from memeval.metrics import suffix_exact_match, token_correct
-from memeval.models import load_model
+from memeval.loading import load_model
 from memeval.testing import build_tiny_model, write_memorized_jsonl
 
 WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "north", "seven", "quiet", "lamp"]

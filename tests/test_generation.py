@@ -7,7 +7,7 @@ import torch
 
 from memeval.api import TokenSequence
 from memeval.generation import GreedyMatch, greedy_continuations, greedy_match
-from memeval.models import load_model
+from memeval.loading import load_model
 
 
 def _hf_greedy(model, prompt: list[int], n: int) -> list[int]:

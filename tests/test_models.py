@@ -7,7 +7,7 @@ import torch
 
 from memeval.api import Batch, TokenSequence
 from memeval.errors import UsageError
-from memeval.models import load_model, resolve_device
+from memeval.loading import load_model, resolve_device
 from memeval.testing import ARCHITECTURES
 
 SEQS = [TokenSequence("a", (5, 9, 13, 17, 21, 25, 29, 33), 3),
@@ -106,7 +106,7 @@ def test_unreachable_hub_model_is_one_line(tmp_path):
     import sys
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
-    code = "from memeval.models import load_model; load_model('hf:memeval-test/no-such-model')"
+    code = "from memeval.loading import load_model; load_model('hf:memeval-test/no-such-model')"
     proc = subprocess.run([sys.executable, "-c", f"import sys\nfrom memeval.errors import UsageError\ntry:\n    {code}\n"
                            f"except UsageError as e:\n    print(e); sys.exit(2)"], env=env, capture_output=True, text=True)
     assert proc.returncode == 2

@@ -263,7 +263,7 @@ def test_same_seed_bit_identical_and_other_seed_differs(tmp_path):
 
 @pytest.mark.parametrize("arch", ["gpt_neox", "gpt2", "llama"])
 def test_load_each_architecture_through_neuron_view(arch, micro, use_cache):
-    from memeval.models import load_model
+    from memeval.loading import load_model
 
     spec = "organism:micro" if arch == "gpt_neox" else f"organism:micro:{arch}"
     model = load_model(spec)
@@ -277,7 +277,7 @@ def test_load_each_architecture_through_neuron_view(arch, micro, use_cache):
 
 
 def test_bad_organism_spec_is_a_usage_error(use_cache):
-    from memeval.models import load_model
+    from memeval.loading import load_model
 
     with pytest.raises(UsageError, match="expected one of"):
         load_model("organism:enormous")

@@ -12,7 +12,7 @@ import torch
 import memeval
 from memeval.cli import main
 from memeval.errors import UsageError
-from memeval.models import parse_model_args
+from memeval.loading import parse_model_args
 from memeval.testing import ToyPlugin
 
 TOY = "task: toy_task\nversion: {version}\nprotocol: toy\nmodel: {model}\ntags: [toys]\n" \

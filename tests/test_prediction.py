@@ -118,7 +118,7 @@ def test_test_labels_never_reach_a_predictor_and_splits_are_disjoint(micro_env):
 
 
 def test_ground_truth_is_plain_greedy_generation(micro_env, micro_organism):
-    from memeval.models import load_model
+    from memeval.loading import load_model
     from memeval.protocols.prediction import PredictionProtocol
     from memeval.tasks import parse_task
 

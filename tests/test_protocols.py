@@ -12,7 +12,7 @@ from memeval import hookimpl
 from memeval.api import Batch, Localizer, TokenSequence
 from memeval.cli import main
 from memeval.metrics import masked_mean, token_correct
-from memeval.models import load_model
+from memeval.loading import load_model
 from memeval.testing import write_memorized_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent

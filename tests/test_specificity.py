@@ -14,7 +14,7 @@ from memeval.adapters import localize_then_ablate, neurons_per_layer
 from memeval.api import Batch, Editor, Localizer, SequenceSet, TokenSequence
 from memeval.cli import main
 from memeval.metrics import (forget_collateral_auc, loose_match, ndcg_at_k, suffix_exact_match)
-from memeval.models import load_model
+from memeval.loading import load_model
 from memeval.testing import write_memorized_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from memeval.models import register_model_source
+from memeval.loading import register_model_source
 from memeval.organisms.organism import Organism, build_organism, get_organism, organism_key, remove_organism
 from memeval.organisms.presets import ARCHS, DEFAULT_ARCH, PRESETS, parse_organism_spec
 

@@ -379,7 +379,7 @@ class Organism:
 
     def load(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         """The final model as a :class:`memeval.models.NeuronModel`."""
-        from memeval.models import load_model
+        from memeval.loading import load_model
 
         return load_model(str(self.path), device=device, dtype=dtype)
 

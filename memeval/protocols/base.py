@@ -64,7 +64,7 @@ class Protocol:
         """The model the runner hands to the protocol (and reloads to restore weights a method changed):
         the task's ``model`` spec loaded as a :class:`NeuronModel`. A protocol that trains its own models
         (detection) returns a lighter handle that still has ``fingerprint()``."""
-        from memeval.models import load_model
+        from memeval.loading import load_model
 
         return load_model(task.model, device, dtype, task.model_args)
 

@@ -235,7 +235,7 @@ class PredictionProtocol(Protocol):
         fm = self.data.feature_model
         if not fm:
             return self.model
-        from memeval.models import load_model
+        from memeval.loading import load_model
 
         if fm.startswith("checkpoint@"):
             org = organism_for(self.task.model)

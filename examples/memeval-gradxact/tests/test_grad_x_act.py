@@ -38,7 +38,7 @@ def test_grad_x_act_runs_under_memeval_on_the_micro_organism(memeval_plugin, tmp
 def test_a_neuron_that_carries_the_suffix_scores_highest(tmp_path):
     """A planted case: zeroing every down-projection column but one leaves a single neuron on the path to the
     logits, so it alone has a non-zero gradient x activation."""
-    from memeval.models import load_model
+    from memeval.loading import load_model
 
     model = load_model(str(build_tiny_model("gpt2", tmp_path / "m")))
     for layer in range(model.num_layers):
