@@ -238,6 +238,27 @@ def bench(model, seqs, injections, methods, classes, configs, args, label: str) 
               f"{gf[0]:16.1f} {gf[1]:5.1f} {gf[2]:6.1f}  {note}", flush=True)
 
 
+def bare_step_share(model, seqs, repeats: int, steps: int = 20) -> None:
+    """The floor for the mask trainers: one masked forward + backward of the model alone (a mask hook per layer,
+    suffix NLL, gradient w.r.t. the masks; no method code, no per-row weights) at the batch's shapes, and its share
+    of plain-matmul throughput. HardConcrete and Slimming add their own ops to this step."""
+    from memeval.api import Batch
+    from memeval_methods._common import suffix_nll
+
+    batch = Batch.from_sequences(seqs, model.pad_id, model.device)
+    masks = torch.ones(len(seqs), model.num_layers, model.num_neurons, device=model.device, requires_grad=True)
+
+    def run():
+        for _ in range(steps):
+            with model.intervene({l: (lambda h, l=l: h * masks[:, l][:, None, :]) for l in range(model.num_layers)}):
+                lm = suffix_nll(model, batch)
+            torch.autograd.grad(lm.sum(), masks)
+
+    ((t, flops, r),) = accounted([run], repeats)
+    print(f"  {'(bare step)':14s} {len(seqs):5d}  masked forward + backward of the model alone: "
+          f"{t / steps * 1e3:.2f} ms/step, plain {r / t:.0%}, {flops / t / 1e9:.1f} GFLOP/s", flush=True)
+
+
 def organism_items(spec: str, args):
     model, _ = load_bench_model(spec, args.build)
     try:
@@ -291,6 +312,8 @@ def main(argv=None) -> None:
         bench(model, seqs, injs, methods, classes, inj, args,
               f"{model.spec}: {model.num_layers} × {model.num_neurons}, {args.batch} items of ≤ {args.tokens} "
               f"tokens, r = {args.ratio}, inj_organism's method configs")
+        if {"hardconcrete", "slimming"} & set(methods):
+            bare_step_share(model, seqs, args.repeats)
     if args.gpt2_layers > 0:
         model = gpt2_small(args.gpt2_layers)
         steps = args.gpt2_steps
