@@ -224,6 +224,9 @@ def bench(model, seqs, injections, methods, classes, configs, args, label: str) 
             for s, inj in zip(items, injs):
                 reference(name, written(work, inj, model), torch.tensor([s.input_ids], device=dev), cfg, args)
 
+        if args.per_item and not cls.per_row_weights:
+            per_item_ratios(name, items, injs, ours_cfg, cfg, args, model, work, scale_ref / scale_ours)
+            continue
         if not cls.per_row_weights:  # INJ hands this method one item at a time: its path is the b1 column
             note = "; ".join(x for x in ("INJ scores it one item at a time (b1)", note) if x)
         n = len(items)
@@ -257,6 +260,35 @@ def bare_step_share(model, seqs, repeats: int, steps: int = 20) -> None:
     ((t, flops, r),) = accounted([run], repeats)
     print(f"  {'(bare step)':14s} {len(seqs):5d}  masked forward + backward of the model alone: "
           f"{t / steps * 1e3:.2f} ms/step, plain {r / t:.0%}, {flops / t / 1e9:.1f} GFLOP/s", flush=True)
+
+
+def per_item_ratios(name, items, injs, ours_cfg, cfg, args, model, work, scale: float) -> None:
+    """For a localizer INJ scores one item at a time: each item's reference and memeval run alternate
+    ``args.repeats`` times; per item the fastest of each counts; prints the median and range of the per-item
+    ratios (a slow spell of the machine then spoils one item's round, not a whole pass)."""
+    from memeval.api import Batch
+
+    cls = import_methods()[name]
+    ratios, t_ref, t_ours = [], [], []
+    for s, inj in zip(items, injs):
+        best = [math.inf, math.inf]
+        for _ in range(args.repeats):
+            for k in (0, 1):
+                m = written(work, inj, model)
+                t0 = time.perf_counter()
+                if k == 0:
+                    reference(name, m, torch.tensor([s.input_ids], device=model.device), cfg, args)
+                else:
+                    cls(ours_cfg).localize(m, Batch.from_sequences([s], model.pad_id, model.device))
+                best[k] = min(best[k], time.perf_counter() - t0)
+        t_ref.append(best[0])
+        t_ours.append(best[1])
+        ratios.append(best[0] / best[1] * scale)
+    ratios.sort()
+    mid = ratios[len(ratios) // 2] if len(ratios) % 2 else (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2
+    print(f"  {name:14s} {len(items):5d}  per item, best of {args.repeats} alternating: ref {sum(t_ref) / len(t_ref):.3f} "
+          f"s, b1 {sum(t_ours) / len(t_ours):.3f} s (unscaled); ×ref median {mid:.2f}, range {ratios[0]:.2f}-{ratios[-1]:.2f}",
+          flush=True)
 
 
 def organism_items(spec: str, args):
@@ -294,6 +326,8 @@ def main(argv=None) -> None:
     ap.add_argument("--no-b1", action="store_true", help="skip memeval's batch-1 scoring")
     ap.add_argument("--repeats", type=int, default=2, help="timed rounds (interleaved); the fastest counts")
     ap.add_argument("--no-account", action="store_true", help="time only (no FLOP count, no plain-matmul replay)")
+    ap.add_argument("--per-item", action="store_true",
+                    help="localizers INJ scores one at a time: per-item alternating timing, median ratio")
     ap.add_argument("--build", action="store_true", help="build the organism if it is not cached yet")
     args = ap.parse_args(argv)
 
