@@ -89,6 +89,13 @@ def kept_logits(model: NeuronModel, batch: Batch, keep: torch.Tensor) -> torch.T
     return model.hf(**kwargs).logits[:, keep]
 
 
+def logits_agree(logits: torch.Tensor, expected: torch.Tensor) -> bool:
+    """The rule by which a shortcut's logits count as the model's own: same shape and max |diff| ≤ 1e-3 ×
+    max(|expected|, 1) (float rounding of a different kernel order, not a different computation)."""
+    return logits.shape == expected.shape and bool(
+        ((logits - expected).abs().max() <= 1e-3 * expected.abs().max().clamp_min(1.0)).item())
+
+
 def suffix_nll(model: NeuronModel, batch: Batch) -> torch.Tensor:
     """ℓ_mem per row: mean next-token NLL (nats, float32) over ``loss_mask``, ``[B]``.
 

@@ -36,7 +36,7 @@ except ImportError:  # transformers < 4.56
 from memeval import hookimpl
 from memeval.api import Batch, Localizer
 from memeval.models import NeuronModel, cache_kwarg, returned_cache
-from memeval_methods._common import accepts_logits_to_keep, trim
+from memeval_methods._common import accepts_logits_to_keep, logits_agree, trim
 
 
 def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -103,12 +103,6 @@ def _probability_gradient(logits: torch.Tensor, targets: torch.Tensor) -> torch.
     p = torch.softmax(logits, dim=-1)
     p_y = p.gather(1, targets[:, None])
     return p.mul(-p_y).scatter_(1, targets[:, None], p_y * (1 - p_y))
-
-
-def _agree(logits: torch.Tensor, expected: torch.Tensor) -> bool:
-    """Same logits up to float rounding (max |diff| ≤ 1e-3 × max(|expected|, 1))."""
-    return logits.shape == expected.shape and bool(
-        ((logits - expected).abs().max() <= 1e-3 * expected.abs().max().clamp_min(1.0)).item())
 
 
 @contextmanager
@@ -219,7 +213,7 @@ class IntegratedGradients(Localizer):
                     logits = forward(l, x, {j: below[j] for j in range(l)} if skip else {})
                     if l == 0:
                         clean_logits = logits.detach()[ends]
-                    elif skip and not _agree(logits.detach()[ends], clean_logits):
+                    elif skip and not logits_agree(logits.detach()[ends], clean_logits):
                         skip = False  # the blocks do not compose that way here: run every block from now on
                         logits = forward(l, x, {})
                     (g,) = torch.autograd.grad(logits, x, _probability_gradient(logits.detach().float(), y_r))

@@ -24,7 +24,7 @@ from torch import nn
 from memeval import hookimpl
 from memeval.api import Batch, Localizer
 from memeval.models import NeuronModel
-from memeval_methods._common import kept_logits, nll_at, predicting_positions
+from memeval_methods._common import kept_logits, logits_agree, nll_at, predicting_positions
 
 FINAL_NORM_NAMES = ("transformer.ln_f", "gpt_neox.final_layer_norm", "model.norm", "model.final_layernorm",
                     "model.decoder.final_layer_norm", "transformer.norm_f", "model.final_norm")
@@ -149,10 +149,7 @@ class ZeroOut(Localizer):
         fast = norm is not None and model.hf.get_output_embeddings() is not None
         if fast:  # blocks called directly + final norm + head must reproduce the model's logits
             first = trace.calls[0][0][0] if trace.calls[0][0] else trace.calls[0][1]["hidden_states"]
-            replay = trace.run_from(0, first, keep, norm)
-            scale = trace.logits.abs().max().clamp_min(1.0)
-            fast = replay.shape == trace.logits.shape and bool(
-                ((replay - trace.logits).abs().max() <= 1e-3 * scale).item())
+            fast = logits_agree(trace.run_from(0, first, keep, norm), trace.logits)
         if fast:
             clean = nll_at(trace.run_from(L, trace.outs[L - 1], keep, norm), row, keep)
         else:
