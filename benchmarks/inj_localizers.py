@@ -22,6 +22,7 @@ import argparse
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -225,7 +226,7 @@ def bench(model, seqs, injections, methods, classes, configs, args, label: str) 
                 reference(name, written(work, inj, model), torch.tensor([s.input_ids], device=dev), cfg, args)
 
         if args.per_item and not cls.per_row_weights:
-            per_item_ratios(name, items, injs, ours_cfg, cfg, args, model, work, scale_ref / scale_ours)
+            per_item_ratios(name, cls, items, injs, ours_cfg, cfg, args, model, work, scale_ref / scale_ours)
             continue
         if not cls.per_row_weights:  # INJ hands this method one item at a time: its path is the b1 column
             note = "; ".join(x for x in ("INJ scores it one item at a time (b1)", note) if x)
@@ -262,13 +263,12 @@ def bare_step_share(model, seqs, repeats: int, steps: int = 20) -> None:
           f"{t / steps * 1e3:.2f} ms/step, plain {r / t:.0%}, {flops / t / 1e9:.1f} GFLOP/s", flush=True)
 
 
-def per_item_ratios(name, items, injs, ours_cfg, cfg, args, model, work, scale: float) -> None:
+def per_item_ratios(name, cls, items, injs, ours_cfg, cfg, args, model, work, scale: float) -> None:
     """For a localizer INJ scores one item at a time: each item's reference and memeval run alternate
     ``args.repeats`` times; per item the fastest of each counts; prints the median and range of the per-item
     ratios (a slow spell of the machine then spoils one item's round, not a whole pass)."""
     from memeval.api import Batch
 
-    cls = import_methods()[name]
     ratios, t_ref, t_ours = [], [], []
     for s, inj in zip(items, injs):
         best = [math.inf, math.inf]
@@ -285,7 +285,7 @@ def per_item_ratios(name, items, injs, ours_cfg, cfg, args, model, work, scale: 
         t_ours.append(best[1])
         ratios.append(best[0] / best[1] * scale)
     ratios.sort()
-    mid = ratios[len(ratios) // 2] if len(ratios) % 2 else (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2
+    mid = statistics.median(ratios)
     print(f"  {name:14s} {len(items):5d}  per item, best of {args.repeats} alternating: ref {sum(t_ref) / len(t_ref):.3f} "
           f"s, b1 {sum(t_ours) / len(t_ours):.3f} s (unscaled); ×ref median {mid:.2f}, range {ratios[0]:.2f}-{ratios[-1]:.2f}",
           flush=True)
